@@ -1,0 +1,3 @@
+from engram_app.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""The one facade the CLI and the UI call. Neither holds logic of its own.
+
+A :class:`Service` owns the settings and, once loaded, the runtime (base model + tokenizer).
+The model is loaded lazily on first use, or eagerly with :meth:`Service.load` (the app does so at
+start-up so that the first chat message is answered at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from engram_app.inference import GeneratedToken, GenerationOptions, Message, Runtime
+from engram_app.models import load_base_model
+from engram_app.settings import Settings, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    reply: str
+    tokens: list[GeneratedToken]
+    prompt_ids: list[int]
+
+    def to_json(self) -> dict:
+        return {"reply": self.reply, "tokens": [{"text": t.text, "id": t.id} for t in self.tokens]}
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._runtime: Runtime | None = None
+        self._load_lock = threading.Lock()
+
+    # --- model --------------------------------------------------------------------------
+
+    def load(self) -> Runtime:
+        """Load (and on first use convert) the base model; later calls return the same runtime."""
+        with self._load_lock:
+            if self._runtime is None:
+                self.settings.ensure_home()
+                device = resolve_device(self.settings.device)
+                loaded = load_base_model(self.settings.model, self.settings.models_dir, device)
+                self._runtime = Runtime(loaded)
+            return self._runtime
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.load()
+
+    def status(self) -> dict:
+        """What the status line shows: model, device, load time (None before loading)."""
+        if self._runtime is None:
+            return {"model": self.settings.model or "default", "device": None, "load_seconds": None}
+        loaded = self._runtime.loaded
+        return {
+            "model": loaded.source.name,
+            "device": loaded.device.describe(),
+            "load_seconds": round(loaded.load_seconds, 2),
+        }
+
+    # --- chat ---------------------------------------------------------------------------
+
+    def stream_chat(
+        self, history: Sequence[Message], message: str, options: GenerationOptions | None = None
+    ) -> Iterator[GeneratedToken]:
+        """Stream the reply to ``message`` after the earlier turns in ``history``."""
+        return self.runtime.stream_chat([*history, Message("user", message)], options)
+
+    def chat(self, message: str, history: Sequence[Message] = (), options: GenerationOptions | None = None) -> ChatResult:
+        messages = [*history, Message("user", message)]
+        prompt_ids = self.runtime.chat_ids(messages)
+        tokens = list(self.runtime.stream_ids(prompt_ids, options))
+        reply = self.runtime.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
+        return ChatResult(reply=reply, tokens=tokens, prompt_ids=prompt_ids)

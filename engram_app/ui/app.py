@@ -1,0 +1,71 @@
+"""Assemble the Gradio app and launch it, local-only and offline by default."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+from engram_app.service import Service
+from engram_app.settings import DEFAULT_HOST, Settings
+from engram_app.ui.chat_tab import build_chat_tab
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+
+# System fonts only: the default theme would fetch web fonts from a CDN, and the app works offline.
+THEME = gr.themes.Soft(
+    primary_hue="indigo",
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+)
+
+
+def status_markdown(service: Service) -> str:
+    status = service.status()
+    if status["device"] is None:
+        return f"Model **{status['model']}** is loading..."
+    return (
+        f"Model **{status['model']}** on **{status['device']}**, loaded in {status['load_seconds']:.2f} s. "
+        "No memory attached yet: this is the base model."
+    )
+
+
+def build_app(service: Service) -> gr.Blocks:
+    with gr.Blocks(title="Engram Studio", analytics_enabled=False) as app:
+        with gr.Row(elem_id="header"):
+            gr.HTML(
+                f'<div class="brand"><img src="/gradio_api/file={ASSETS / "logo.svg"}" alt="" width="36" height="36">'
+                "<span>Engram Studio</span></div>",
+            )
+        status = gr.Markdown(elem_id="status")
+        build_chat_tab(service)
+        app.load(lambda: status_markdown(service), None, status, api_visibility="private")
+    return app
+
+
+def launch(settings: Settings) -> None:
+    """Load the model, then serve the app (blocking)."""
+    service = Service(settings)
+    runtime = service.load()
+    log.info("Model ready in %.2f s.", runtime.loaded.load_seconds)
+    print(f"Model {runtime.loaded.source.name} ready on {runtime.loaded.device.describe()}: "
+          f"loaded in {runtime.loaded.load_seconds:.2f} s", flush=True)
+    if settings.host != DEFAULT_HOST:
+        log.warning("Binding to %s: the app is reachable from other machines on that network.", settings.host)
+    app = build_app(service)
+    app.queue(default_concurrency_limit=1).launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        theme=THEME,
+        css_paths=[ASSETS / "style.css"],
+        allowed_paths=[str(ASSETS)],
+        run_history=False,
+        footer_links=[],
+        ssr_mode=False,
+        show_error=True,
+        max_file_size="50mb",
+        favicon_path=ASSETS / "logo.svg",
+    )

