@@ -1,0 +1,70 @@
+"""Tokenizer compression: a surjective map from token id to a canonical id (ENGRAM.md section 2.1).
+
+Each token is decoded and its text normalised (NFKC, NFD, strip accents, lowercase, runs of
+whitespace to one space); tokens with equal normalised text share a canonical id. A token that
+is only whitespace becomes a single space. A token whose decoding is an incomplete UTF-8 sequence
+keeps its raw token string as its key, so byte fragments never merge with real characters.
+
+Canonical ids are given in order of first appearance by token id, so the map depends only on
+the tokenizer: it is the same in every process. It is cached per tokenizer fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import torch
+from tokenizers import Regex, normalizers
+
+_NORMALIZER = normalizers.Sequence(
+    [
+        normalizers.NFKC(),
+        normalizers.NFD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"\s+"), " "),
+    ]
+)
+
+_cache: dict[str, torch.Tensor] = {}
+_cache_lock = threading.Lock()
+
+
+def normalise(text: str) -> str:
+    """The normalised form under which tokens are merged."""
+    if text and not text.strip():
+        return " "
+    return _NORMALIZER.normalize_str(text)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (token string -> id), stable across processes."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def build_compression(tokenizer) -> torch.Tensor:
+    """The map as a LongTensor: ``map[token_id] = canonical_id`` for every id below len(tokenizer)."""
+    size = len(tokenizer)
+    keys: dict[str, int] = {}
+    mapping = torch.empty(size, dtype=torch.long)
+    raw = tokenizer.convert_ids_to_tokens(list(range(size)))
+    for token_id in range(size):
+        text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        if "\ufffd" in text or raw[token_id] is None:
+            key = f"\0raw:{raw[token_id]}"  # a byte fragment: keep it apart from real text
+        else:
+            key = normalise(text)
+        mapping[token_id] = keys.setdefault(key, len(keys))
+    return mapping
+
+
+def compression_for(tokenizer) -> torch.Tensor:
+    """:func:`build_compression`, computed once per tokenizer (by fingerprint) in this process."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    with _cache_lock:
+        if fingerprint not in _cache:
+            _cache[fingerprint] = build_compression(tokenizer)
+        return _cache[fingerprint]

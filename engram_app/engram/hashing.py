@@ -1,0 +1,125 @@
+"""N-gram addressing: from token ids to table rows, with no learned router (ENGRAM.md section 2).
+
+For position t and order n the n-gram is (x'_{t-n+1}, ..., x'_t): it ENDS AT the current token.
+Positions before the start of a sequence (and left padding) use a dedicated boundary id.
+Per Engram layer, odd multipliers are drawn from ``seed + 10007 * layer``;
+``mix = (x'_t * m0) XOR (x'_{t-1} * m1) [XOR (x'_{t-2} * m2)]``, and head k of order n takes
+``mix mod p_{n,k}`` with a distinct prime for every (layer, order, head). The row in the one
+shared embedding matrix is that residue plus the (layer, order, head) table's offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engram_app.engram.config import EngramConfig
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def next_prime(n: int, taken: set[int]) -> int:
+    """The smallest prime >= n not in ``taken``."""
+    while not is_prime(n) or n in taken:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """Which rows of the shared matrix belong to which (layer, order, head)."""
+
+    layers: tuple[int, ...]
+    orders: tuple[int, ...]
+    heads: int
+    primes: torch.Tensor  # [num_layers, num_orders * heads] table sizes
+    offsets: torch.Tensor  # [num_layers, num_orders * heads] first row of each table
+    multipliers: torch.Tensor  # [num_layers, max_order] odd int64 multipliers
+
+    @property
+    def total_rows(self) -> int:
+        return int(self.offsets[-1, -1] + self.primes[-1, -1])
+
+    def slot_names(self) -> list[tuple[int, int]]:
+        """(order, head) for each slot column of a layer, in column order."""
+        return [(n, k) for n in self.orders for k in range(self.heads)]
+
+    def locate(self, row: int) -> tuple[int, int, int, int]:
+        """(layer, order, head, residue) of a global row index."""
+        flat = self.offsets.flatten()
+        index = int(torch.searchsorted(flat, torch.tensor(row), right=True)) - 1
+        layer_i, column = divmod(index, self.offsets.shape[1])
+        order, head = self.slot_names()[column]
+        return self.layers[layer_i], order, head, row - int(flat[index])
+
+
+def build_layout(config: EngramConfig, layers: list[int], compressed_vocab: int) -> TableLayout:
+    """Primes, offsets and multipliers for ``layers`` (deterministic in the config)."""
+    max_order = config.max_order
+    # Bound the multipliers so that id * multiplier cannot overflow int64 (ids < compressed_vocab + 1).
+    half_bound = max(1, (np.iinfo(np.int64).max // (compressed_vocab + 1)) // 2)
+    taken: set[int] = set()
+    primes, multipliers = [], []
+    for layer in layers:
+        rng = np.random.default_rng(config.seed + 10007 * layer)
+        multipliers.append(rng.integers(0, half_bound, size=max_order, dtype=np.int64) * 2 + 1)
+        row = []
+        for _order in config.orders:
+            for _head in range(config.heads):
+                p = next_prime(config.rows_per_head, taken)
+                taken.add(p)
+                row.append(p)
+        primes.append(row)
+    primes_t = torch.tensor(primes, dtype=torch.long)
+    flat = primes_t.flatten()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), flat.cumsum(0)[:-1]]).view_as(primes_t)
+    return TableLayout(
+        layers=tuple(layers),
+        orders=config.orders,
+        heads=config.heads,
+        primes=primes_t,
+        offsets=offsets,
+        multipliers=torch.tensor(np.stack(multipliers), dtype=torch.long),
+    )
+
+
+def shifted_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: int) -> torch.Tensor:
+    """Stack x'_t, x'_{t-1}, ..., x'_{t-max_order+1} for every position.
+
+    compressed: [B, T] compressed ids of the new tokens.
+    history: [B, max_order - 1] the compressed ids just before them (boundary ids at the start).
+    Returns [B, T, max_order], where [..., j] is the token j positions back.
+    """
+    full = torch.cat([history, compressed], dim=1)  # [B, H + T]
+    h, t = history.shape[1], compressed.shape[1]
+    return torch.stack([full[:, h - j: h - j + t] for j in range(max_order)], dim=-1)
+
+
+def hash_rows(layout: TableLayout, grams: torch.Tensor) -> torch.Tensor:
+    """Global rows [B, T, num_layers, num_orders * heads] for the n-grams in ``grams`` [B, T, max_order]."""
+    out = []
+    for li in range(len(layout.layers)):
+        products = grams * layout.multipliers[li].to(grams.device)  # [B, T, max_order]
+        columns = []
+        for n in layout.orders:
+            mix = products[..., 0]
+            for j in range(1, n):
+                mix = torch.bitwise_xor(mix, products[..., j])
+            columns.append(mix.unsqueeze(-1).expand(*mix.shape, layout.heads))
+        mixes = torch.cat(columns, dim=-1)  # [B, T, orders*heads]
+        primes = layout.primes[li].to(grams.device)
+        out.append(torch.remainder(mixes, primes) + layout.offsets[li].to(grams.device))
+    return torch.stack(out, dim=2)

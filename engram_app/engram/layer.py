@@ -1,0 +1,75 @@
+"""The maths of one Engram module: gate the retrieved memory by the hidden state, convolve, add.
+
+With h_t the hidden state entering the chosen block and e_t the concatenated rows it addressed:
+
+    k_t = W_K e_t,   v_t = W_V e_t
+    s_t = <RMSNorm(h_t), RMSNorm(k_t)> / sqrt(d);   s_t = sign(s_t) sqrt(max(|s_t|, 1e-6))
+    alpha_t = sigmoid(s_t);   u_t = alpha_t v_t
+    Y = SiLU(CausalDepthwiseConv1d(RMSNorm(U))) + U      (kernel 4, dilation = max n-gram order)
+    h_t <- h_t + Y_t
+
+W_V and the convolution start at zero, so at initialisation Y = 0 and the adapted model computes
+exactly what the base model computes. The branch runs in float32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BlockOutput:
+    y: torch.Tensor  # [B, T, hidden] what is added to the residual stream (in the input dtype)
+    conv_state: torch.Tensor | None  # [B, (kernel-1)*dilation, hidden] for the next step
+    gate: torch.Tensor  # [B, T] alpha_t
+    score: torch.Tensor  # [B, T] s_t after the signed square root (pre-sigmoid)
+    ratio: torch.Tensor  # [B, T] |Y_t| / |h_t|
+
+
+class EngramBlock(nn.Module):
+    def __init__(self, hidden_size: int, memory_width: int, kernel_size: int = 4, dilation: int = 3,
+                 use_conv: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.key = nn.Linear(memory_width, hidden_size, bias=False)
+        self.value = nn.Linear(memory_width, hidden_size, bias=False)
+        self.norm_h = nn.RMSNorm(hidden_size, eps=eps)
+        self.norm_k = nn.RMSNorm(hidden_size, eps=eps)
+        self.use_conv = use_conv
+        self.context = (kernel_size - 1) * dilation  # how many earlier positions the conv sees
+        if use_conv:
+            self.norm_u = nn.RMSNorm(hidden_size, eps=eps)
+            self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, dilation=dilation, groups=hidden_size, bias=False)
+            nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.value.weight)
+
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                conv_state: torch.Tensor | None) -> BlockOutput:
+        """hidden [B, T, H]; memory [B, T, W] retrieved rows; mask [B, T] (False: padding)."""
+        h = hidden.float()
+        e = memory.float()
+        keep = mask.unsqueeze(-1).float()
+        k = self.key(e)
+        v = self.value(e)
+        score = (self.norm_h(h) * self.norm_k(k)).sum(-1) / math.sqrt(self.hidden_size)
+        score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+        gate = torch.sigmoid(score)
+        u = gate.unsqueeze(-1) * v * keep
+        new_state = None
+        if self.use_conv:
+            normed = self.norm_u(u) * keep
+            if conv_state is None:
+                conv_state = normed.new_zeros(normed.shape[0], self.context, normed.shape[2])
+            x = torch.cat([conv_state.to(normed.dtype), normed], dim=1)  # [B, context + T, H]
+            y = F.silu(self.conv(x.transpose(1, 2)).transpose(1, 2)) + u
+            new_state = x[:, -self.context:] if self.context else x[:, :0]
+        else:
+            y = u
+        y = y * keep
+        ratio = y.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)
+        return BlockOutput(y.to(hidden.dtype), new_state, gate * mask, score * mask, ratio)
