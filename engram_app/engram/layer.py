@@ -28,7 +28,7 @@ class BlockOutput:
     conv_state: torch.Tensor | None  # [B, (kernel-1)*dilation, hidden] for the next step
     gate: torch.Tensor  # [B, T] alpha_t
     score: torch.Tensor  # [B, T] s_t after the signed square root (pre-sigmoid)
-    ratio: torch.Tensor  # [B, T] |Y_t| / |h_t|
+    ratio: torch.Tensor | None  # [B, T] |Y_t| / |h_t| (when asked for)
 
 
 class EngramBlock(nn.Module):
@@ -48,9 +48,22 @@ class EngramBlock(nn.Module):
             nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.value.weight)
 
+    def _conv(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """Causal depthwise convolution of x [B, context + T, H] -> [B, T, H]."""
+        if steps == 1:
+            # One decoding step: the kernel's taps are single positions; an elementwise sum is
+            # several times cheaper than a convolution call on the CPU.
+            dilation, kernel = self.conv.dilation[0], self.conv.kernel_size[0]
+            taps = x[:, x.shape[1] - 1 - (kernel - 1) * dilation:: dilation]  # [B, K, H], oldest first
+            return torch.einsum("bkh,hk->bh", taps, self.conv.weight[:, 0]).unsqueeze(1)
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
-                conv_state: torch.Tensor | None) -> BlockOutput:
-        """hidden [B, T, H]; memory [B, T, W] retrieved rows; mask [B, T] (False: padding)."""
+                conv_state: torch.Tensor | None, with_ratio: bool = False) -> BlockOutput:
+        """hidden [B, T, H]; memory [B, T, W] retrieved rows; mask [B, T] (False: padding).
+
+        ``with_ratio`` also computes |Y|/|h| per token (for traces; skipped otherwise).
+        """
         h = hidden.float()
         e = memory.float()
         keep = mask.unsqueeze(-1).float()
@@ -66,10 +79,10 @@ class EngramBlock(nn.Module):
             if conv_state is None:
                 conv_state = normed.new_zeros(normed.shape[0], self.context, normed.shape[2])
             x = torch.cat([conv_state.to(normed.dtype), normed], dim=1)  # [B, context + T, H]
-            y = F.silu(self.conv(x.transpose(1, 2)).transpose(1, 2)) + u
+            y = F.silu(self._conv(x, u.shape[1])) + u
             new_state = x[:, -self.context:] if self.context else x[:, :0]
         else:
             y = u
         y = y * keep
-        ratio = y.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)
+        ratio = y.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12) if with_ratio else None
         return BlockOutput(y.to(hidden.dtype), new_state, gate * mask, score * mask, ratio)

@@ -194,7 +194,7 @@ class EngramModel(nn.Module):
             rows = call.rows[:, :, column]  # [B, T, R]
             memory = self.table.lookup(rows).flatten(-2)  # [B, T, R * d_h]
             conv_state = call.state.conv.get(layer) if call.state is not None else None
-            out = self.blocks[str(layer)](hidden, memory, call.mask, conv_state)
+            out = self.blocks[str(layer)](hidden, memory, call.mask, conv_state, with_ratio=self._trace_sink is not None)
             if out.conv_state is not None:
                 call.new_conv[layer] = out.conv_state
             if self._trace_sink is not None:
