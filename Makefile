@@ -43,8 +43,11 @@ test: setup chromium
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
+# Speed benchmarks on the bundled model (tables printed and written to bench/results/).
+# bench/engram_sizing.py needs the persona CSV: see docs/BENCHMARKS.md.
 bench: setup
 	$(PY) bench/decode_speed.py $(ARGS)
+	$(PY) bench/engram_speed.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,10 +11,15 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engram_app.inference import GeneratedToken, GenerationOptions, Message, Runtime
-from engram_app.models import load_base_model
+from engram_app.models import load_base_model, prepare_model, resolve_model
 from engram_app.settings import Settings, resolve_device
+
+if TYPE_CHECKING:
+    from engram_app.ingest import ImportResult, Library
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._runtime: Runtime | None = None
+        self._library: Library | None = None
         self._load_lock = threading.Lock()
 
     # --- model --------------------------------------------------------------------------
@@ -76,3 +82,43 @@ class Service:
         tokens = list(self.runtime.stream_ids(prompt_ids, options))
         reply = self.runtime.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
         return ChatResult(reply=reply, tokens=tokens, prompt_ids=prompt_ids)
+
+    # --- library ------------------------------------------------------------------------
+
+    def tokenizer(self):
+        """The base model's tokenizer (without loading the model when it is not loaded yet)."""
+        if self._runtime is not None:
+            return self._runtime.tokenizer
+        from transformers import AutoTokenizer
+
+        self.settings.ensure_home()
+        target = prepare_model(resolve_model(self.settings.model), self.settings.models_dir)
+        return AutoTokenizer.from_pretrained(str(target))
+
+    def library(self) -> Library:
+        with self._load_lock:
+            if self._library is None:
+                from engram_app.ingest import Library
+                from engram_app.store import open_db
+
+                self._library = Library(open_db(self.settings.home), self.settings.home, None,
+                                        max_bytes=self.settings.max_upload_bytes)
+        if self._library.tokenizer is None:
+            self._library.tokenizer = self.tokenizer()
+        return self._library
+
+    def ingest(self, paths: Sequence[str | Path], kind: str = "auto", collection: str = "default",
+               progress=None) -> list[ImportResult]:
+        return self.library().ingest(paths, kind=kind, collection=collection, progress=progress)
+
+    def sources(self, collection: str | None = None, status: str | None = "ready", query: str | None = None) -> list[dict]:
+        return self.library().sources(collection=collection, status=status, query=query)
+
+    def show_source(self, source_id: int) -> dict:
+        return self.library().show(source_id)
+
+    def search(self, query: str, k: int = 5, collection: str | None = None) -> list[dict]:
+        return self.library().search(query, k=k, collection=collection)
+
+    def delete_source(self, source_id: int) -> dict:
+        return self.library().delete(source_id)

@@ -34,6 +34,7 @@ class Settings:
     device: str = "auto"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    max_upload_bytes: int = 50 * 2**20  # the largest file the library imports
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()

@@ -1,0 +1,146 @@
+"""Recognising a file from its content (the extension is only a hint) and parsing it.
+
+Order of tests, most specific first: PDF and Word signatures; JSON (ChatGPT export, message
+lists, JSON Lines chats, attribute profiles); YAML profiles; the persona CSV; HTML; transcripts;
+statement lists; and finally plain text. The user can force a kind; the parser for that kind is
+then used, or the file is rejected with the reason it does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePath
+
+from engram_app.ingest import chats, documents, profiles
+from engram_app.ingest.decode import decode_text
+from engram_app.ingest.records import KINDS, ImportRejected, Parsed
+
+TEXT_FORMATS = {".md": "markdown", ".markdown": "markdown", ".rst": "rst", ".txt": "txt", ".json": "json-text",
+                ".jsonl": "json-text", ".csv": "csv-text", ".yaml": "yaml-text", ".yml": "yaml-text"}
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_scalar_json(text: str) -> bool:
+    """null, a number or a boolean: valid JSON with nothing to read."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return not _has_text(value)
+
+
+def _has_text(value, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        return any(ch.isalnum() for ch in value)
+    if depth > 50:
+        return False
+    if isinstance(value, dict):
+        return any(_has_text(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_text(v, depth + 1) for v in value)
+    return False
+
+
+def _json_lines(text: str) -> list | None:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return None
+    try:
+        return [json.loads(line) for line in lines]
+    except (ValueError, RecursionError):
+        return None
+
+
+def _yaml(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return None
+
+
+def parse_bytes(data: bytes, filename: str, kind: str = "auto") -> Parsed:
+    """Parse one file's bytes; raises :class:`ImportRejected` with a reason."""
+    if kind != "auto" and kind not in KINDS:
+        raise ImportRejected(f"unknown kind {kind!r}: use auto, {', '.join(KINDS)}")
+    name = PurePath(filename).stem or "untitled"
+    suffix = PurePath(filename).suffix.lower()
+    if not data:
+        raise ImportRejected("the file is empty")
+
+    if data.startswith(b"%PDF-"):
+        return _only(documents.pdf(data, name), kind)
+    if data.startswith(b"PK\x03\x04"):
+        return _only(documents.docx(data, name), kind)
+    if suffix in (".pdf", ".docx"):
+        raise ImportRejected(f"the file is named {suffix} but is not a {suffix[1:].upper()} file")
+
+    text = decode_text(data)
+    stripped = text.lstrip()
+    if suffix == ".json" and stripped[:1] not in "[{" and _is_scalar_json(text):
+        raise ImportRejected("the JSON holds no text (no string values)")
+    if kind == "document":
+        return _as_document(text, suffix, name)
+
+    if stripped[:1] in "[{":
+        data_obj = _json(text)
+        if data_obj is not None:
+            if chats.is_chatgpt_export(data_obj) and kind in ("auto", "chat"):
+                return chats.chatgpt(data_obj, name)
+            msgs = chats.message_list(data_obj)
+            if msgs is not None and kind in ("auto", "chat"):
+                return chats.messages(msgs, name)
+            if profiles.is_attribute_object(data_obj) and kind in ("auto", "profile"):
+                return profiles.attributes(data_obj, name, "profile-json")
+            if kind != "auto":
+                raise ImportRejected(f"this JSON has no {kind} shape (expected "
+                                     + ("a ChatGPT export or a list of {role, content} messages)" if kind == "chat"
+                                        else "an object of attributes)"))
+            if not _has_text(data_obj):
+                raise ImportRejected("the JSON holds no text (no string values)")
+            return documents.plain(text, "json-text", name)
+        lines = _json_lines(text)
+        if lines is not None:
+            msgs = chats.message_list(lines)
+            if msgs is not None and kind in ("auto", "chat"):
+                return chats.messages(msgs, name, fmt="jsonl-messages")
+    if suffix in (".yaml", ".yml") and kind in ("auto", "profile"):
+        obj = _yaml(text)
+        if profiles.is_attribute_object(obj):
+            return profiles.attributes(obj, name, "profile-yaml")
+        if kind == "profile":
+            raise ImportRejected("this YAML is not an object of attributes")
+    if profiles.is_persona_csv(text) and kind in ("auto", "profile", "chat"):
+        return profiles.persona_csv(text, name)
+
+    if kind == "chat":
+        return chats.transcript(text, name)
+    if kind == "profile":
+        return profiles.statements(text, name)
+
+    if suffix in (".html", ".htm") or stripped[:15].lower().startswith(("<!doctype html", "<html")):
+        return documents.html(text, name)
+    if chats.looks_like_transcript(text):
+        return chats.transcript(text, name)
+    if profiles.looks_like_statements(text):
+        return profiles.statements(text, name)
+    return _as_document(text, suffix, name)
+
+
+def _as_document(text: str, suffix: str, name: str) -> Parsed:
+    if suffix in (".html", ".htm") or text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+        return documents.html(text, name)
+    return documents.plain(text, TEXT_FORMATS.get(suffix, "txt"), name)
+
+
+def _only(parsed: Parsed, kind: str) -> Parsed:
+    if kind not in ("auto", parsed.kind):
+        raise ImportRejected(f"a {parsed.format.upper()} file can only be imported as a document, not as a {kind}")
+    return parsed

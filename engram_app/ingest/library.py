@@ -1,0 +1,262 @@
+"""The memory library: import files, list, open, search and delete sources.
+
+Each file succeeds or fails alone. A file is parsed, chunked and embedded first; then its
+source row, records, chunks and embeddings are written in ONE transaction, so a crash or a kill
+never leaves half a source. The original bytes are kept under ``uploads/<sha256>``, unmodified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+from engram_app.errors import EngramError
+from engram_app.ingest.chunking import chunk_records
+from engram_app.ingest.detect import parse_bytes
+from engram_app.ingest.embedding import Embedder
+from engram_app.ingest.records import ImportRejected
+
+log = logging.getLogger(__name__)
+# pypdf logs a warning for every damaged PDF; the import reports the reason itself.
+logging.getLogger("pypdf").setLevel(logging.ERROR)
+
+DEFAULT_MAX_BYTES = 50 * 2**20  # per file; --max-size changes it
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class ImportResult:
+    path: str
+    status: str  # added | duplicate | failed
+    reason: str | None = None
+    source: int | None = None
+    kind: str | None = None
+    format: str | None = None
+    title: str | None = None
+    records: int = 0
+    chunks: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files under ``paths``: folders recurse (sorted, hidden entries skipped); links are not followed."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield Path(root) / name
+        else:
+            yield path
+
+
+class Library:
+    def __init__(self, db: sqlite_utils.Database, home: Path, tokenizer, embedder: Embedder | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        self.db = db
+        self.uploads = home / "uploads"
+        self.tokenizer = tokenizer
+        self.embedder = embedder or Embedder()
+        self.max_bytes = max_bytes
+
+    # --- collections ------------------------------------------------------------------------
+
+    def collection_id(self, name: str, create: bool = True) -> int:
+        name = (name or "default").strip()
+        row = self.db.execute("select id from collections where name = ?", [name]).fetchone()
+        if row:
+            return row[0]
+        if not create:
+            raise EngramError(f"There is no collection named {name!r}.")
+        with self.db.conn:
+            return self.db["collections"].insert({"name": name, "created": now()}).last_pk
+
+    def collections(self) -> list[dict]:
+        return list(self.db.query(
+            "select c.name, count(s.id) as sources from collections c left join sources s "
+            "on s.collection_id = c.id and s.status = 'ready' group by c.id order by c.name"))
+
+    # --- import -----------------------------------------------------------------------------
+
+    def ingest(self, paths: Iterable[str | Path], kind: str = "auto", collection: str = "default",
+               progress: Callable[[int, ImportResult], None] | None = None) -> list[ImportResult]:
+        collection_id = self.collection_id(collection)
+        results = []
+        for path in expand_paths(Path(p) for p in paths):
+            result = self.ingest_file(path, kind, collection_id)
+            results.append(result)
+            if progress:
+                progress(len(results), result)
+        return results
+
+    def ingest_file(self, path: Path, kind: str, collection_id: int) -> ImportResult:
+        sha = None
+        size = None
+        try:
+            if not path.exists():
+                raise ImportRejected("no such file or folder")
+            if not path.is_file():
+                raise ImportRejected("not a regular file")
+            size = path.stat().st_size
+            if size > self.max_bytes:
+                raise ImportRejected(f"the file is {size / 2**20:.2f} MB; the limit is {self.max_bytes / 2**20:.2f} MB "
+                                     "(change it with --max-size)")
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            existing = self.db.execute(
+                "select id from sources where sha256 = ? and collection_id = ? and status = 'ready'",
+                [sha, collection_id]).fetchone()
+            if existing:
+                return ImportResult(str(path), "duplicate", "the same file is already in this collection", existing[0])
+            parsed = parse_bytes(data, path.name, kind)
+            chunks = chunk_records(parsed.records, self.tokenizer)
+            if not chunks:
+                raise ImportRejected("nothing to keep after parsing")
+            vectors = self.embedder.encode([c.text for c in chunks])
+            self._keep_upload(sha, data)
+            source_id = self._write(path, sha, size, collection_id, parsed, chunks, vectors)
+            return ImportResult(str(path), "added", None, source_id, parsed.kind, parsed.format, parsed.title,
+                                len(parsed.records), len(chunks))
+        except ImportRejected as exc:
+            reason = str(exc)
+        except (OSError, MemoryError, RecursionError) as exc:
+            reason = f"could not read the file ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # a parser bug must cost this file only, never the import
+            log.exception("Unexpected error importing %s", path)
+            reason = f"unexpected error while parsing ({type(exc).__name__}: {exc})"
+        self._record_failure(path, sha, size, collection_id, reason[:500])
+        return ImportResult(str(path), "failed", reason[:500])
+
+    def _keep_upload(self, sha: str, data: bytes) -> None:
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        target = self.uploads / sha
+        if target.exists():
+            return
+        tmp = self.uploads / f".{sha}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def _write(self, path, sha, size, collection_id, parsed, chunks, vectors) -> int:
+        tokens = sum(c.token_count for c in chunks)
+        with self.db.conn:  # one transaction: all of the source or nothing
+            self.db.execute("delete from sources where sha256 = ? and collection_id = ? and status = 'failed'",
+                            [sha, collection_id])
+            source_id = self.db["sources"].insert({
+                "collection_id": collection_id, "kind": parsed.kind, "format": parsed.format, "title": parsed.title,
+                "filename": path.name, "sha256": sha, "size": size, "status": "ready", "error": None,
+                "records": len(parsed.records), "chunks": len(chunks), "tokens": tokens, "created": now(),
+                "deleted": None,
+            }).last_pk
+            self.db["records"].insert_all(
+                ({"source_id": source_id, "position": i, "kind": r.kind, "conversation": r.conversation,
+                  "speaker": r.speaker, "person": r.person, "text": r.text} for i, r in enumerate(parsed.records)),
+                batch_size=500)
+            chunk_ids = []
+            for i, chunk in enumerate(chunks):
+                chunk_ids.append(self.db["chunks"].insert({
+                    "source_id": source_id, "position": i, "text": chunk.text, "token_count": chunk.token_count,
+                    "first_record": chunk.first_record, "last_record": chunk.last_record}).last_pk)
+            self.db["embeddings"].insert_all(
+                ({"chunk_id": cid, "model": self.embedder.name, "dim": int(v.shape[0]), "vector": v.tobytes()}
+                 for cid, v in zip(chunk_ids, vectors)), batch_size=500)
+        return source_id
+
+    def _record_failure(self, path: Path, sha, size, collection_id: int, reason: str) -> None:
+        with self.db.conn:
+            # One failed row per file: a new attempt replaces the previous one's.
+            self.db.execute("delete from sources where filename = ? and sha256 is ? and collection_id = ? "
+                            "and status = 'failed'", [path.name[:200], sha, collection_id])
+            self.db["sources"].insert({
+                "collection_id": collection_id, "kind": None, "format": None, "title": path.name[:200],
+                "filename": path.name[:200], "sha256": sha, "size": size, "status": "failed", "error": reason,
+                "records": 0, "chunks": 0, "tokens": 0, "created": now(), "deleted": None,
+            })
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def sources(self, collection: str | None = None, status: str | None = "ready", query: str | None = None) -> list[dict]:
+        sql = ("select s.id, c.name as collection, s.kind, s.format, s.title, s.filename, s.size, s.status, s.error, "
+               "s.records, s.chunks, s.tokens, s.created from sources s join collections c on c.id = s.collection_id "
+               "where 1 = 1")
+        args: list = []
+        if collection:
+            sql += " and c.name = ?"
+            args.append(collection)
+        if status:
+            sql += " and s.status = ?"
+            args.append(status)
+        if query:
+            sql += " and (s.title like ? or s.filename like ?)"
+            args += [f"%{query}%", f"%{query}%"]
+        return list(self.db.query(sql + " order by s.id", args))
+
+    def source(self, source_id: int) -> dict:
+        rows = list(self.db.query(
+            "select s.*, c.name as collection from sources s join collections c on c.id = s.collection_id "
+            "where s.id = ?", [source_id]))
+        if not rows:
+            raise EngramError(f"There is no source {source_id}: 'sources' lists them.")
+        return rows[0]
+
+    def show(self, source_id: int) -> dict:
+        """A source with its records and chunks."""
+        source = self.source(source_id)
+        source["records_list"] = list(self.db.query(
+            "select position, kind, conversation, speaker, person, text from records where source_id = ? "
+            "order by position", [source_id]))
+        source["chunks_list"] = list(self.db.query(
+            "select id, position, token_count, text from chunks where source_id = ? order by position", [source_id]))
+        return source
+
+    def search(self, query: str, k: int = 5, collection: str | None = None) -> list[dict]:
+        """The ``k`` chunks closest in meaning to ``query`` (cosine similarity of MiniLM embeddings)."""
+        if not query.strip():
+            raise EngramError("Search for something: the query is empty.")
+        sql = ("select e.chunk_id, e.vector, ch.text, ch.source_id, s.title from embeddings e "
+               "join chunks ch on ch.id = e.chunk_id join sources s on s.id = ch.source_id "
+               "join collections c on c.id = s.collection_id where s.status = 'ready'")
+        args: list = []
+        if collection:
+            sql += " and c.name = ?"
+            args.append(collection)
+        rows = self.db.execute(sql, args).fetchall()
+        if not rows:
+            return []
+        matrix = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+        scores = matrix @ self.embedder.encode([query])[0]
+        top = np.argsort(-scores)[:k]
+        return [{"chunk": rows[i][0], "source": rows[i][3], "title": rows[i][4], "score": round(float(scores[i]), 4),
+                 "text": rows[i][2]} for i in top]
+
+    def delete(self, source_id: int) -> dict:
+        """Forget a source's content (records, chunks, embeddings, original file).
+
+        The source row stays, marked deleted, so that memory packs trained on it can say so.
+        """
+        source = self.source(source_id)
+        if source["status"] == "deleted":
+            raise EngramError(f"Source {source_id} is already deleted.")
+        with self.db.conn:
+            self.db.execute("delete from embeddings where chunk_id in (select id from chunks where source_id = ?)",
+                            [source_id])
+            self.db.execute("delete from chunks where source_id = ?", [source_id])
+            self.db.execute("delete from records where source_id = ?", [source_id])
+            self.db.execute("update sources set status = 'deleted', deleted = ? where id = ?", [now(), source_id])
+        sha = source["sha256"]
+        if sha and not self.db.execute("select 1 from sources where sha256 = ? and status = 'ready'", [sha]).fetchone():
+            (self.uploads / sha).unlink(missing_ok=True)
+        return self.source(source_id)

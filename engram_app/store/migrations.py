@@ -1,0 +1,139 @@
+"""The database schema, grown by small numbered migrations (the way Simon Willison's ``llm`` does).
+
+Each migration is a function registered with :func:`migration`; they run once each, in order,
+at start-up, and the names of those applied are kept in the ``_migrations`` table. To change the
+schema, add a new function at the end: never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply the migrations not applied yet; returns their names."""
+    db["_migrations"].create({"name": str, "applied": str}, pk="name", if_not_exists=True)
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.conn:
+            fn(db)
+            db["_migrations"].insert({"name": fn.__name__, "applied": _now(db)})
+        applied.append(fn.__name__)
+    return applied
+
+
+def _now(db: sqlite_utils.Database) -> str:
+    return db.execute("select strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
+
+
+@migration
+def m001_library(db: sqlite_utils.Database) -> None:
+    """Collections, sources, their parsed records, chunks and chunk embeddings."""
+    db["collections"].create({"id": int, "name": str, "created": str}, pk="id")
+    db["collections"].create_index(["name"], unique=True)
+    db["sources"].create(
+        {
+            "id": int,
+            "collection_id": int,
+            "kind": str,  # document | chat | profile
+            "format": str,  # txt, markdown, html, pdf, docx, chatgpt, messages, transcript, ...
+            "title": str,
+            "filename": str,
+            "sha256": str,  # of the original bytes, kept in uploads/<sha256>
+            "size": int,
+            "status": str,  # ready | failed | deleted
+            "error": str,
+            "records": int,
+            "chunks": int,
+            "tokens": int,
+            "created": str,
+            "deleted": str,
+        },
+        pk="id",
+        foreign_keys=[("collection_id", "collections", "id")],
+    )
+    db["sources"].create_index(["sha256"])
+    db["sources"].create_index(["collection_id", "status"])
+    # Parsed content: a document's text, a chat's turns, a profile's statements.
+    db["records"].create(
+        {
+            "id": int,
+            "source_id": int,
+            "position": int,
+            "kind": str,  # text | turn | fact
+            "conversation": int,  # which conversation of a multi-conversation source (chats)
+            "speaker": str,  # role or speaker name (turns)
+            "person": str,  # who a fact is about (facts)
+            "text": str,
+        },
+        pk="id",
+        foreign_keys=[("source_id", "sources", "id")],
+    )
+    db["records"].create_index(["source_id", "position"])
+    db["chunks"].create(
+        {"id": int, "source_id": int, "position": int, "text": str, "token_count": int, "first_record": int,
+         "last_record": int},
+        pk="id",
+        foreign_keys=[("source_id", "sources", "id")],
+    )
+    db["chunks"].create_index(["source_id", "position"])
+    db["embeddings"].create(
+        {"chunk_id": int, "model": str, "dim": int, "vector": bytes},
+        pk="chunk_id",
+        foreign_keys=[("chunk_id", "chunks", "id")],
+    )
+
+
+@migration
+def m002_packs_jobs_chats(db: sqlite_utils.Database) -> None:
+    """Memory packs and versions, training jobs and metrics, conversations and messages.
+
+    Defined with the library so that the schema is designed once; the training and chat
+    features fill them.
+    """
+    db["packs"].create(
+        {"id": int, "name": str, "base_model": str, "config": str, "collections": str, "active_version": int,
+         "created": str},
+        pk="id",
+    )
+    db["packs"].create_index(["name"], unique=True)
+    db["pack_versions"].create(
+        {"id": int, "pack_id": int, "number": int, "path": str, "job_id": int, "sources": str, "evaluation": str,
+         "created": str},
+        pk="id",
+        foreign_keys=[("pack_id", "packs", "id")],
+    )
+    db["pack_versions"].create_index(["pack_id", "number"], unique=True)
+    db["jobs"].create(
+        {"id": int, "pack_id": int, "status": str, "options": str, "progress": float, "step": int, "total_steps": int,
+         "error": str, "worker": str, "heartbeat": str, "created": str, "started": str, "finished": str},
+        pk="id",
+        foreign_keys=[("pack_id", "packs", "id")],
+    )
+    db["jobs"].create_index(["status"])
+    db["job_metrics"].create(
+        {"id": int, "job_id": int, "step": int, "name": str, "value": float, "created": str},
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+    )
+    db["job_metrics"].create_index(["job_id", "name", "step"])
+    db["conversations"].create({"id": int, "title": str, "pack_id": int, "created": str}, pk="id")
+    db["messages"].create(
+        {"id": int, "conversation_id": int, "role": str, "content": str, "pack_id": int, "pack_version": int,
+         "trace": bytes, "created": str},
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+    )
+    db["messages"].create_index(["conversation_id", "id"])

@@ -1,0 +1,283 @@
+"""The memory library: store, import of every format, hostile input, delete, search, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT
+from engram_app.cli import cli
+from engram_app.ingest import Library
+from engram_app.ingest.chunking import chunk_records
+from engram_app.ingest.embedding import Embedder
+from engram_app.ingest.records import Record
+from engram_app.store import open_db
+from engram_app.store.migrations import MIGRATIONS, migrate
+from library_fixtures import hostile_files, valid_files
+from tiny import tiny_tokenizer
+
+SIZE_LIMIT = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def library(tmp_path, tokenizer, embedder):
+    home = tmp_path / "home"
+    return Library(open_db(home), home, tokenizer, embedder, max_bytes=SIZE_LIMIT)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("valid")
+    return folder, valid_files(folder)
+
+
+# --- store --------------------------------------------------------------------------------------
+
+def test_schema_is_migrated_once_with_wal_and_foreign_keys(tmp_path):
+    db = open_db(tmp_path)
+    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in MIGRATIONS]
+    assert migrate(db) == []  # a second start applies nothing
+    assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
+    assert db.execute("pragma foreign_keys").fetchone()[0] == 1
+    for table in ("sources", "chunks", "embeddings", "records", "collections", "packs", "pack_versions", "jobs",
+                  "job_metrics", "conversations", "messages"):
+        assert db[table].exists()
+    with pytest.raises(sqlite3.IntegrityError):
+        db["chunks"].insert({"source_id": 999, "position": 0, "text": "orphan", "token_count": 1})
+
+
+# --- every format -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "notes.txt", "latin1.txt", "readme.md", "guide.rst", "page.html", "report.pdf", "letter.docx", "data.json",
+    "table.csv", "conversations.json", "messages.json", "chat.jsonl", "transcript.txt", "me.json", "me.yaml",
+    "about-me.md", "personas.csv"])
+def test_round_trip(name, files, library):
+    folder, expected = files
+    info = expected[name]
+    [result] = library.ingest([folder / name])
+    assert result.status == "added", result.reason
+    assert (result.kind, result.format) == (info["kind"], info["format"])
+    shown = library.show(result.source)
+    text = "\n".join(r["text"] for r in shown["records_list"])
+    assert info["contains"] in text
+    if "absent" in info:
+        assert info["absent"] not in text
+    if "title" in info:
+        assert shown["title"] == info["title"]
+    if "person" in info:
+        assert {r["person"] for r in shown["records_list"]} == {info["person"]}
+        assert all(r["kind"] == "fact" for r in shown["records_list"])
+    if "speakers" in info:
+        assert {r["speaker"] for r in shown["records_list"] if r["kind"] == "turn"} == info["speakers"]
+    # The original is kept byte for byte; the chunks and embeddings exist and search finds them.
+    assert (library.uploads / shown["sha256"]).read_bytes() == (folder / name).read_bytes()
+    assert shown["chunks"] == len(shown["chunks_list"]) > 0
+    assert library.search(info["contains"], k=1)[0]["source"] == result.source
+
+
+def test_chatgpt_export_keeps_the_active_branch_and_turn_order(files, library):
+    folder, _ = files
+    [result] = library.ingest([folder / "conversations.json"])
+    records = library.show(result.source)["records_list"]
+    turns = [(r["conversation"], r["speaker"], r["text"]) for r in records]
+    assert turns == [
+        (0, "user", "I want to visit Lisbon in May with my dog Pixel."),
+        (0, "assistant", "Lisbon in May is lovely; many cafes welcome dogs."),
+        (0, "user", "Which neighbourhood should we stay in?"),
+        (0, "assistant", "Try Alfama: hilly, quiet, close to the river."),
+        (1, "user", "My favourite dish is bacalhau."),
+        (1, "assistant", "A classic! Try it with chickpeas."),
+    ]
+
+
+def test_persona_csv_gives_facts_per_person_and_conversations(files, library):
+    folder, _ = files
+    [result] = library.ingest([folder / "personas.csv"])
+    records = library.show(result.source)["records_list"]
+    facts = [(r["person"], r["text"]) for r in records if r["kind"] == "fact"]
+    assert ("User 1 of conversation 1", "I have a turtle named Timothy.") in facts
+    assert ("User 2 of conversation 2", "I have two cats.") in facts
+    assert {r["conversation"] for r in records if r["kind"] == "turn"} == {0, 1}
+
+
+# --- duplicates, kinds, collections ---------------------------------------------------------------
+
+def test_same_bytes_twice_is_a_duplicate(files, library, tmp_path):
+    folder, _ = files
+    first = library.ingest([folder / "notes.txt"])[0]
+    copy = tmp_path / "renamed.txt"
+    copy.write_bytes((folder / "notes.txt").read_bytes())
+    second = library.ingest([copy])[0]
+    assert (second.status, second.source) == ("duplicate", first.source)
+    assert library.ingest([copy], collection="work")[0].status == "added"
+    assert {c["name"]: c["sources"] for c in library.collections()} == {"default": 1, "work": 1}
+    assert [s["collection"] for s in library.sources(collection="work")] == ["work"]
+
+
+def test_kind_override(files, library):
+    folder, _ = files
+    forced = library.ingest([folder / "transcript.txt"], kind="document")[0]
+    assert (forced.status, forced.kind) == ("added", "document")
+    as_chat = library.ingest([folder / "table.csv"], kind="chat")[0]
+    assert as_chat.status == "failed" and "Speaker: text" in as_chat.reason
+    pdf_as_profile = library.ingest([folder / "report.pdf"], kind="profile")[0]
+    assert pdf_as_profile.status == "failed" and "only be imported as a document" in pdf_as_profile.reason
+    statements = library.ingest([folder / "notes.txt"], kind="profile")[0]
+    assert statements.kind == "profile"
+
+
+# --- hostile input --------------------------------------------------------------------------------
+
+def test_hostile_corpus_fails_file_by_file_and_valid_files_still_import(files, library, tmp_path):
+    valid_folder, expected = files
+    bad_folder = tmp_path / "bad"
+    bad = hostile_files(bad_folder, SIZE_LIMIT)
+    assert len(bad) >= 30
+    results = library.ingest([bad_folder, valid_folder, tmp_path / "does-not-exist.txt"])
+    by_name = {Path(r.path).name: r for r in results}
+    for name in bad + ["does-not-exist.txt"]:
+        assert by_name[name].status == "failed", f"{name} was {by_name[name].status}"
+        assert by_name[name].reason and len(by_name[name].reason) > 10
+    for name in expected:
+        assert by_name[name].status == "added", f"{name}: {by_name[name].reason}"
+    assert library.db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    failed = library.sources(status="failed")
+    assert len(failed) == len(bad) + 1 and all(s["error"] for s in failed)
+    # Nothing of a failed file was stored.
+    assert library.db.execute(
+        "select count(*) from chunks where source_id in (select id from sources where status = 'failed')").fetchone()[0] == 0
+
+
+def test_a_parser_crash_costs_only_its_file(files, library, monkeypatch):
+    import engram_app.ingest.documents as documents
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(documents, "html", boom)
+    folder, _ = files
+    results = library.ingest([folder / "page.html", folder / "notes.txt"])
+    assert [r.status for r in results] == ["failed", "added"]
+    assert "parser bug" in results[0].reason
+
+
+# --- chunking ---------------------------------------------------------------------------------------
+
+def test_documents_chunk_with_overlap_and_chats_at_turn_boundaries(tokenizer):
+    text = " ".join(f"word{i}" for i in range(600))
+    chunks = chunk_records([Record("text", text)], tokenizer, size=64, overlap=8)
+    assert len(chunks) > 5 and all(c.token_count <= 64 for c in chunks)
+    assert chunks[0].text.split()[-1] in chunks[1].text  # the overlap repeats the end of the previous chunk
+    turns = [Record("turn", f"message number {i}, with some more words about it.", speaker="user" if i % 2 else "assistant",
+                    conversation=i // 10) for i in range(30)]
+    chunks = chunk_records(turns, tokenizer, size=64, overlap=8)
+    for c in chunks:
+        assert c.token_count <= 64
+        assert turns[c.first_record].conversation == turns[c.last_record].conversation
+        assert c.text.count("message number") == c.last_record - c.first_record + 1  # whole turns only
+
+
+# --- delete -------------------------------------------------------------------------------------
+
+def test_delete_forgets_the_content_but_remembers_the_source(files, library):
+    folder, _ = files
+    [result] = library.ingest([folder / "me.json"])
+    sha = library.source(result.source)["sha256"]
+    deleted = library.delete(result.source)
+    assert deleted["status"] == "deleted" and deleted["deleted"]
+    for table in ("records", "chunks"):
+        assert library.db.execute(f"select count(*) from {table} where source_id = ?", [result.source]).fetchone()[0] == 0
+    assert library.db.execute("select count(*) from embeddings").fetchone()[0] == 0
+    assert not (library.uploads / sha).exists()
+    assert library.search("Lisbon nurse") == []
+    assert library.ingest([folder / "me.json"])[0].status == "added"  # can be imported again
+
+
+# --- a kill in the middle of an import ------------------------------------------------------------
+
+def test_a_killed_import_leaves_no_partial_source(tmp_path, tiny_model_dir):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        (folder / f"note{i:03}.txt").write_text(f"Note {i}. " + "The quick brown fox jumps over the lazy dog. " * 200)
+    home = tmp_path / "home"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engram_app", "ingest", str(folder), "--home", str(home), "--model", str(tiny_model_dir)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    count = 0
+    while time.time() < deadline and count < 5:
+        time.sleep(0.2)
+        try:
+            con = sqlite3.connect(home / "engram.db", timeout=5)
+            count = con.execute("select count(*) from sources where status = 'ready'").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= count < 400, "the import was not interrupted in the middle"
+    db = open_db(home)
+    assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    for source in db["sources"].rows:
+        assert source["status"] == "ready"
+        sid = source["id"]
+        assert db.execute("select count(*) from records where source_id = ?", [sid]).fetchone()[0] == source["records"]
+        assert db.execute("select count(*) from chunks where source_id = ?", [sid]).fetchone()[0] == source["chunks"]
+        assert db.execute("select count(*) from embeddings e join chunks c on c.id = e.chunk_id where c.source_id = ?",
+                          [sid]).fetchone()[0] == source["chunks"]
+    assert db.execute("select count(*) from chunks where source_id not in (select id from sources)").fetchone()[0] == 0
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_ingest_sources_show_search_delete(files, tmp_path, tiny_model_dir):
+    folder, _ = files
+    common = ["--home", str(tmp_path / "home"), "--model", str(tiny_model_dir)]
+    runner = CliRunner()
+    bad = tmp_path / "empty.txt"
+    bad.write_bytes(b"")
+    out = runner.invoke(cli, ["ingest", *common, "--json", str(folder / "me.json"), str(folder / "transcript.txt"), str(bad)])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert [r["status"] for r in report["results"]] == ["added", "added", "failed"]
+    assert (report["added"], report["duplicate"], report["failed"]) == (2, 0, 1)
+    assert set(report["results"][0]) >= {"path", "status", "reason", "source", "kind", "format"}
+
+    out = runner.invoke(cli, ["sources", *common, "--json"])
+    listed = json.loads(out.stdout)
+    assert [s["title"] for s in listed] == ["Profile: Maria Silva", "Chat: I just adopted a parrot."]
+
+    out = runner.invoke(cli, ["show", *common, str(listed[1]["id"])])
+    assert "User 1: Kiwi. She talks a lot." in out.stdout
+
+    out = runner.invoke(cli, ["search", *common, "--json", "parrot named Kiwi"])
+    assert json.loads(out.stdout)[0]["source"] == listed[1]["id"]
+
+    out = runner.invoke(cli, ["delete", *common, str(listed[0]["id"])])
+    assert out.exit_code == 0 and "Deleted" in out.stdout
+    assert len(json.loads(runner.invoke(cli, ["sources", *common, "--json"]).stdout)) == 1
+
+    out = runner.invoke(cli, ["show", *common, "999"])
+    assert out.exit_code == 1 and "no source 999" in out.output and "Traceback" not in out.output
