@@ -221,27 +221,31 @@ def test_a_killed_import_leaves_no_partial_source(tmp_path, tiny_model_dir):
     for i in range(400):
         (folder / f"note{i:03}.txt").write_text(f"Note {i}. " + "The quick brown fox jumps over the lazy dog. " * 200)
     home = tmp_path / "home"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engram_app", "ingest", str(folder), "--home", str(home), "--model", str(tiny_model_dir)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
+    log = tmp_path / "ingest.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engram_app", "ingest", str(folder), "--home", str(home), "--model", str(tiny_model_dir)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+    deadline = time.time() + 300
     count = 0
-    while time.time() < deadline and count < 5:
+    while time.time() < deadline and count < 3 and proc.poll() is None:
         time.sleep(0.2)
+        if not (home / "engram.db").exists():
+            continue  # never create the database from here: the importer does
         try:
-            con = sqlite3.connect(home / "engram.db", timeout=5)
+            con = sqlite3.connect(f"file:{home / 'engram.db'}?mode=ro", uri=True, timeout=5)
             count = con.execute("select count(*) from sources where status = 'ready'").fetchone()[0]
             con.close()
         except sqlite3.Error:
             pass
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 5 <= count < 400, "the import was not interrupted in the middle"
+    assert 3 <= count < 400, f"the import was not interrupted in the middle ({count} sources):\n{log.read_text()[-2000:]}"
     db = open_db(home)
     assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
     for source in db["sources"].rows:
-        assert source["status"] == "ready"
+        assert source["status"] == "ready", f"{source}\n{log.read_text()[-2000:]}"
         sid = source["id"]
         assert db.execute("select count(*) from records where source_id = ?", [sid]).fetchone()[0] == source["records"]
         assert db.execute("select count(*) from chunks where source_id = ?", [sid]).fetchone()[0] == source["chunks"]
