@@ -285,3 +285,17 @@ def test_cli_ingest_sources_show_search_delete(files, tmp_path, tiny_model_dir):
 
     out = runner.invoke(cli, ["show", *common, "999"])
     assert out.exit_code == 1 and "no source 999" in out.output and "Traceback" not in out.output
+
+
+def test_thousands_of_files_in_one_call(library, tmp_path):
+    folder = tmp_path / "many"
+    for i in range(1500):
+        sub = folder / f"part{i // 500}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:04}.txt").write_bytes(b"" if i % 3 == 0 else f"Entry {i}: the heron came back today.".encode())
+    (folder / ".hidden.txt").write_text("skipped: hidden files are not imported")
+    results = library.ingest([folder])
+    assert len(results) == 1500
+    assert sum(r.status == "failed" for r in results) == 500
+    assert sum(r.status == "added" for r in results) == 1000
+    assert library.db.execute("pragma integrity_check").fetchone()[0] == "ok"
