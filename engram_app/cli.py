@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from engram_app import __version__
 from engram_app.errors import EngramError
 from engram_app.settings import DEFAULT_HOST, DEFAULT_PORT, DEVICE_CHOICES, Settings, default_home
 
@@ -57,7 +58,7 @@ def settings_options(command: Callable) -> Callable:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name=None, version=__import__("engram_app").__version__)
+@click.version_option(version=__version__)
 def cli() -> None:
     """Engram Studio: give a language model a memory of its user."""
 

@@ -172,6 +172,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / CONVERSION_MARKER).write_text(json.dumps(_gguf_fingerprint(gguf), indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -96,15 +96,16 @@ class Service:
         return AutoTokenizer.from_pretrained(str(target))
 
     def library(self) -> Library:
-        with self._load_lock:
-            if self._library is None:
-                from engram_app.ingest import Library
-                from engram_app.store import open_db
+        """The memory library of the data root (chunking uses the base model's tokenizer)."""
+        if self._library is None:
+            from engram_app.ingest import Library
+            from engram_app.store import open_db
 
-                self._library = Library(open_db(self.settings.home), self.settings.home, None,
-                                        max_bytes=self.settings.max_upload_bytes)
-        if self._library.tokenizer is None:
-            self._library.tokenizer = self.tokenizer()
+            tokenizer = self.tokenizer()
+            with self._load_lock:
+                if self._library is None:
+                    self._library = Library(open_db(self.settings.home), self.settings.home, tokenizer,
+                                            max_bytes=self.settings.max_upload_bytes)
         return self._library
 
     def ingest(self, paths: Sequence[str | Path], kind: str = "auto", collection: str = "default",
