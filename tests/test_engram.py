@@ -23,6 +23,7 @@ from engram_app.engram import (
     trace_tokens,
 )
 from engram_app.engram.compression import build_compression
+from engram_app.engram.optim import RowwiseAdam
 from tiny import FAMILY_CONFIGS, tiny_family, tiny_tokenizer
 
 SMALL = EngramConfig(layers=[1], heads=4, rows_per_head=1009, head_dim=8)
@@ -266,7 +267,7 @@ def test_optimizer_split_gives_tables_the_higher_rate(tokenizer):
     memory = attach_engram(tiny_family("llama"), tokenizer, SMALL)
     optimizer = EngramOptimizer(memory, lr=1e-3)
     sparse, dense = optimizer.optimizers
-    assert isinstance(sparse, torch.optim.SparseAdam) and sparse.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert isinstance(sparse, RowwiseAdam) and sparse.param_groups[0]["lr"] == pytest.approx(5e-3)
     assert dense.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert all(p is not memory.table.weight for p in dense.param_groups[0]["params"])
 
@@ -388,3 +389,36 @@ def test_the_memory_owns_only_its_own_weights(tokenizer):
     assert names == {"table.embedding.weight"} | {n for n in names if n.startswith("blocks.")}
     base_ids = {id(p) for p in model.parameters()}
     assert not any(id(p) in base_ids for p in memory.parameters())
+
+
+def test_table_optimizer_state_grows_with_rows_touched_not_table_size(tokenizer):
+    memory = attach_engram(tiny_family("llama"), tokenizer, EngramConfig(layers=[1], heads=4, rows_per_head=200_003, head_dim=8))
+    optimizer = EngramOptimizer(memory, lr=1e-2)
+    table_opt = optimizer.optimizers[0]
+    touched: set[int] = set()
+    for seed in range(3):
+        ids = sample_ids(32, seed=seed)
+        with memory.tracing() as calls:
+            optimizer.zero_grad()
+            memory.base_model(ids, labels=ids).loss.backward()
+            optimizer.step()
+        touched |= set(calls[-1][1].rows.flatten().tolist())
+    assert set(table_opt.rows.tolist()) <= touched and len(table_opt.rows) > 0
+    per_row = 2 * 8 * 4 + 2 * 8  # two moments of d_h floats, a row id and a step count
+    assert table_opt.state_bytes() == len(table_opt.rows) * per_row
+    assert table_opt.state_bytes() < 0.01 * memory.table.weight.numel() * 4
+
+
+def test_rowwise_adam_matches_dense_adam_on_the_rows_it_updates():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(50, 4))
+    reference = torch.nn.Parameter(weight.detach().clone())
+    ours, adam = RowwiseAdam(weight, lr=0.1), torch.optim.Adam([reference], lr=0.1)
+    for _ in range(4):  # the same rows every step: lazy Adam equals Adam on them
+        target = torch.randn(50, 4)
+        for param, opt in ((weight, ours), (reference, adam)):
+            opt.zero_grad()
+            ((param[:10] - target[:10]) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(weight[:10], reference[:10], atol=1e-5)
+    assert torch.equal(weight[10:], reference[10:])

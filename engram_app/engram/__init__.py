@@ -12,7 +12,7 @@ Files, one concept each (after PEFT's tuner layout):
 - ``layer.py``        :class:`EngramBlock`, the gate + convolution maths of one Engram layer
 - ``model.py``        :func:`attach_engram`: finding blocks, hooks, decoding state, tracing
 - ``io.py``           adapter folders: save, load, base-model fingerprint checks
-- ``optim.py``        the optimiser split (sparse Adam for tables at 5x, AdamW for the rest)
+- ``optim.py``        the optimiser split (row-wise lazy Adam for tables at 5x, AdamW for the rest)
 - ``lora.py``         a PEFT LoRA adapter beside the memory
 - ``trace.py``        per-token, per-layer reports of which slots fired
 

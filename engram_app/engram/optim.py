@@ -1,8 +1,10 @@
-"""The paper's optimiser split (ENGRAM.md section 8).
+"""The paper's optimiser split (ENGRAM.md section 8), with row-wise state for the tables.
 
-- Tables: Adam at ``table_lr_scale`` x the base learning rate, no weight decay, and row-sparse:
-  ``torch.optim.SparseAdam`` updates only the rows a batch addressed (its moment estimates are
-  still dense tensors; row-wise optimiser state is the ultra-large-memory work).
+- Tables: Adam at ``table_lr_scale`` x the base learning rate, no weight decay, row-sparse.
+  :class:`RowwiseAdam` keeps moment estimates only for rows a batch has addressed, allocated on
+  first touch (with a per-row step count for bias correction, as "lazy" Adam does), so optimiser
+  memory grows with the rows touched, not with the table. ``torch.optim.SparseAdam`` would keep
+  two dense tensors the size of the table.
 - Everything else that trains (projections, norms, convolution, LoRA weights): AdamW at the base
   learning rate.
 """
@@ -17,16 +19,82 @@ from torch import nn
 from engram_app.engram.model import EngramModel
 
 
+class RowwiseAdam:
+    """Adam for a parameter with row-sparse gradients; state only for touched rows."""
+
+    def __init__(self, weight: nn.Parameter, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.weight, self.lr, self.betas, self.eps = weight, lr, betas, eps
+        dim, device = weight.shape[1], weight.device
+        self.rows = torch.empty(0, dtype=torch.long, device=device)  # sorted ids of rows with state
+        self.exp_avg = torch.empty(0, dim, device=device)
+        self.exp_avg_sq = torch.empty(0, dim, device=device)
+        self.steps = torch.empty(0, dtype=torch.long, device=device)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.weight], "lr": self.lr}]
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.exp_avg, self.exp_avg_sq, self.steps))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.weight.grad = None
+
+    def _slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """State positions of ``ids`` (sorted, unique), creating zero state for new rows."""
+        pos = torch.searchsorted(self.rows, ids)
+        known = pos < len(self.rows)
+        known[known.clone()] = self.rows[pos[known]] == ids[known]
+        new = ids[~known]
+        if len(new):
+            dim = self.exp_avg.shape[1]
+            rows = torch.cat([self.rows, new])
+            order = rows.argsort()
+            zeros = torch.zeros(len(new), dim, device=rows.device)
+            self.rows = rows[order]
+            self.exp_avg = torch.cat([self.exp_avg, zeros])[order]
+            self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros])[order]
+            self.steps = torch.cat([self.steps, torch.zeros(len(new), dtype=torch.long, device=rows.device)])[order]
+            pos = torch.searchsorted(self.rows, ids)
+        return pos
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.weight.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            ids, values = grad.indices()[0], grad.values()
+        else:  # a dense gradient: keep the rows it touches
+            ids = grad.abs().sum(1).nonzero().flatten()
+            values = grad[ids]
+        if not len(ids):
+            return
+        slots = self._slots(ids)
+        beta1, beta2 = self.betas
+        m = self.exp_avg[slots].mul_(beta1).add_(values, alpha=1 - beta1)
+        v = self.exp_avg_sq[slots].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        t = self.steps[slots] + 1
+        self.exp_avg[slots], self.exp_avg_sq[slots], self.steps[slots] = m, v, t
+        m_hat = m / (1 - beta1 ** t.unsqueeze(1).float())
+        v_hat = v / (1 - beta2 ** t.unsqueeze(1).float())
+        self.weight.index_add_(0, ids, -self.lr * m_hat / (v_hat.sqrt() + self.eps))
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+
+
 class EngramOptimizer:
-    """Two optimisers stepped together; quacks like one for a training loop."""
+    """The table optimiser and AdamW stepped together; quacks like one optimiser for a loop."""
 
     def __init__(self, memory: EngramModel | None, lr: float, weight_decay: float = 0.0,
                  extra_parameters: Iterable[nn.Parameter] = ()):
         dense = [p for p in extra_parameters if p.requires_grad]
-        self.optimizers: list[torch.optim.Optimizer] = []
+        self.optimizers: list = []
         if memory is not None:
-            sparse = memory.sparse_parameters()
-            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=lr * memory.config.table_lr_scale))
+            for weight in memory.sparse_parameters():
+                self.optimizers.append(RowwiseAdam(weight, lr=lr * memory.config.table_lr_scale))
             dense = memory.dense_parameters() + dense
         if dense:
             self.optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay))
