@@ -26,10 +26,12 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engram_app.inference import GenerationOptions, Message, Runtime  # noqa: E402
 from engram_app.models import LoadedModel, load_base_model  # noqa: E402
 from engram_app.settings import Settings, resolve_device  # noqa: E402
+from results_table import publish  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -196,11 +198,7 @@ def main() -> None:
             f"| {name} | {rate:.1f} | {rate / baseline:.2f}x | {100 * statistics.mean(agree[name]):.0f}% "
             f"| {100 * forced:.1f}% | {warm_seconds[name]:.1f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    out = Path(__file__).resolve().parent / "results" / "decode_speed.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
+    publish("decode_speed", lines)
 
 
 if __name__ == "__main__":

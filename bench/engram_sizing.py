@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engram_app.engram import EngramConfig, EngramOptimizer, attach_engram  # noqa: E402
 from engram_app.models import load_base_model  # noqa: E402
 from engram_app.settings import Settings, resolve_device  # noqa: E402
+from results_table import publish  # noqa: E402
 
 CANDIDATES = {
     "rows 8k, d_h 32, layer 1": EngramConfig(rows_per_head=8_191, head_dim=32, layers=[1]),
@@ -110,11 +112,7 @@ def main() -> None:
         print(lines[-1], flush=True)
         memory.detach()
         del memory, optimizer
-    table = "\n".join(lines)
-    print(table)
-    out = Path(__file__).resolve().parent / "results" / "engram_sizing.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
+    publish("engram_sizing", lines)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engram_app.engram import EngramConfig, EngramOptimizer, attach_engram, attach_lora  # noqa: E402
 from engram_app.inference import GenerationOptions, Message, Runtime  # noqa: E402
 from engram_app.models import LoadedModel, load_base_model  # noqa: E402
 from engram_app.settings import Settings, resolve_device  # noqa: E402
+from results_table import publish  # noqa: E402
 
 PROMPTS = ["Tell me about your favourite hobby.", "What should I cook tonight?", "Describe a walk in the forest."]
 
@@ -160,11 +162,7 @@ def main() -> None:
     for name, seconds in results.items():
         tps = tokens_per_step / seconds
         lines.append(f"| {name} | {trainable[name] / 1e6:.1f} M | {seconds:.2f} | {tps:.0f} | {tps / lora_tps:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(__file__).resolve().parent / "results" / "engram_speed.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
+    publish("engram_speed", lines)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engram_app.ingest import Library  # noqa: E402
 from engram_app.ingest.detect import parse_bytes  # noqa: E402
 from engram_app.service import Service  # noqa: E402
 from engram_app.settings import Settings  # noqa: E402
 from engram_app.store import open_db  # noqa: E402
+from results_table import publish  # noqa: E402
 
 WORDS = ("memory table model token garden river morning letter meeting travel kitchen music friend city "
          "project report harbour window market winter summer language book train coffee school").split()
@@ -93,11 +95,7 @@ def main() -> None:
                 f"| {len(paths) / parse_seconds:.0f} | {seconds / parse_seconds:.0f}x |"
             )
             print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    out = Path(__file__).resolve().parent / "results" / "ingest_speed.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(table + "\n")
+    publish("ingest_speed", lines)
 
 
 if __name__ == "__main__":
