@@ -61,9 +61,12 @@ def build_compression(tokenizer) -> torch.Tensor:
     return mapping
 
 
-def compression_for(tokenizer) -> torch.Tensor:
-    """:func:`build_compression`, computed once per tokenizer (by fingerprint) in this process."""
-    fingerprint = tokenizer_fingerprint(tokenizer)
+def compression_for(tokenizer, fingerprint: str | None = None) -> torch.Tensor:
+    """:func:`build_compression`, computed once per tokenizer (by fingerprint) in this process.
+
+    Pass ``fingerprint`` when the caller has already computed :func:`tokenizer_fingerprint`.
+    """
+    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
     with _cache_lock:
         if fingerprint not in _cache:
             _cache[fingerprint] = build_compression(tokenizer)

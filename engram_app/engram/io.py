@@ -20,7 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from engram_app.engram.config import FORMAT_VERSION, EngramConfig
-from engram_app.engram.model import EngramAttachError, EngramModel, model_fingerprint
+from engram_app.engram.model import EngramAttachError, EngramModel, base_fingerprint
 from engram_app.engram.compression import tokenizer_fingerprint
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,7 +80,7 @@ def load_engram(base_model, tokenizer, folder: str | Path) -> EngramModel:
     folder = Path(folder)
     meta = read_adapter_config(folder)
     expected = meta["base_model"]
-    actual = {**model_fingerprint(base_model), "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
+    actual = base_fingerprint(base_model, tokenizer_fingerprint(tokenizer))
     differences = [key for key in expected if expected[key] != actual.get(key)]
     if differences:
         details = ", ".join(f"{k}: saved {expected[k]!r}, this model {actual.get(k)!r}" for k in differences)

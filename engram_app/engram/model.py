@@ -71,6 +71,11 @@ def model_fingerprint(model: nn.Module) -> dict:
     }
 
 
+def base_fingerprint(model: nn.Module, tokenizer_sha256: str) -> dict:
+    """The model's and its tokenizer's fingerprints: what a saved memory must match to load."""
+    return {**model_fingerprint(model), "tokenizer_sha256": tokenizer_sha256}
+
+
 @dataclass
 class DecodeState:
     """What a sequence carries between decoding steps (stored on its KV cache)."""
@@ -122,14 +127,14 @@ class EngramModel(nn.Module):
         # Compression: tokenizer ids -> canonical ids; ids the tokenizer lacks (padded vocab) get
         # their own canonical ids; one more id marks positions before the start of a sequence.
         vocab = base_model.get_input_embeddings().weight.shape[0]
-        compression = compression_for(tokenizer)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        compression = compression_for(tokenizer, self.tokenizer_fingerprint)
         if len(compression) > vocab:
             raise EngramAttachError(f"The tokenizer has {len(compression)} tokens but the model only {vocab}.")
         extra = torch.arange(vocab - len(compression)) + int(compression.max()) + 1
         compression = torch.cat([compression, extra])
         self.boundary_id = int(compression.max()) + 1
         self.register_buffer("compression", compression, persistent=False)
-        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
 
         hidden = base_model.config.hidden_size
@@ -246,7 +251,7 @@ class EngramModel(nn.Module):
             self._trace_sink = previous
 
     def fingerprint(self) -> dict:
-        return {**model_fingerprint(self.base_model), "tokenizer_sha256": self.tokenizer_fingerprint}
+        return base_fingerprint(self.base_model, self.tokenizer_fingerprint)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return self.table.sparse_parameters()
