@@ -213,6 +213,31 @@ def test_delete_forgets_the_content_but_remembers_the_source(files, library):
     assert library.ingest([folder / "me.json"])[0].status == "added"  # can be imported again
 
 
+def test_a_failure_while_writing_a_source_writes_none_of_it(files, library, monkeypatch):
+    folder, _ = files
+    real_insert_all = library.db["embeddings"].insert_all.__func__
+
+    def failing_insert_all(self, *args, **kwargs):
+        if self.name == "embeddings":
+            raise OSError("disk full")
+        return real_insert_all(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(library.db["embeddings"]), "insert_all", failing_insert_all)
+    with pytest.raises(OSError):
+        library._write(folder / "transcript.txt", "0" * 64, 10, library.collection_id("default"),
+                       *_parsed_chunks_vectors(library, folder / "transcript.txt"))
+    for table in ("sources", "records", "chunks", "embeddings"):
+        assert library.db.execute(f"select count(*) from {table}").fetchone()[0] == 0, table
+
+
+def _parsed_chunks_vectors(library, path):
+    from engram_app.ingest.chunking import chunk_records
+    from engram_app.ingest.detect import parse_bytes
+    parsed = parse_bytes(path.read_bytes(), path.name)
+    chunks = chunk_records(parsed.records, library.tokenizer)
+    return parsed, chunks, library.embedder.encode([c.text for c in chunks])
+
+
 # --- a kill in the middle of an import ------------------------------------------------------------
 
 def test_a_killed_import_leaves_no_partial_source(tmp_path, tiny_model_dir):

@@ -82,7 +82,7 @@ class Library:
             return row[0]
         if not create:
             raise EngramError(f"There is no collection named {name!r}.")
-        with self.db.conn:
+        with self.db.atomic():
             return self.db["collections"].insert({"name": name, "created": now()}).last_pk
 
     def collections(self) -> list[dict]:
@@ -152,7 +152,7 @@ class Library:
 
     def _write(self, path, sha, size, collection_id, parsed, chunks, vectors) -> int:
         tokens = sum(c.token_count for c in chunks)
-        with self.db.conn:  # one transaction: all of the source or nothing
+        with self.db.atomic():  # one transaction: all of the source or nothing
             self.db.execute("delete from sources where sha256 = ? and collection_id = ? and status = 'failed'",
                             [sha, collection_id])
             source_id = self.db["sources"].insert({
@@ -176,7 +176,7 @@ class Library:
         return source_id
 
     def _record_failure(self, path: Path, sha, size, collection_id: int, reason: str) -> None:
-        with self.db.conn:
+        with self.db.atomic():
             # One failed row per file: a new attempt replaces the previous one's.
             self.db.execute("delete from sources where filename = ? and sha256 is ? and collection_id = ? "
                             "and status = 'failed'", [path.name[:200], sha, collection_id])
@@ -250,7 +250,7 @@ class Library:
         source = self.source(source_id)
         if source["status"] == "deleted":
             raise EngramError(f"Source {source_id} is already deleted.")
-        with self.db.conn:
+        with self.db.atomic():
             self.db.execute("delete from embeddings where chunk_id in (select id from chunks where source_id = ?)",
                             [source_id])
             self.db.execute("delete from chunks where source_id = ?", [source_id])
