@@ -71,7 +71,10 @@ def cli() -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 for greedy decoding.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for sampling (temperature > 0).")
-def chat(settings: Settings, message: str, as_json: bool, max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+@click.option("--pack", default=None, help="Answer with this memory pack's active version.")
+@click.option("--no-memory", is_flag=True, help="With --pack: answer with the pack's base model, memory off.")
+def chat(settings: Settings, message: str, as_json: bool, max_tokens: int, temperature: float, top_p: float,
+         seed: int | None, pack: str | None, no_memory: bool) -> None:
     """Answer MESSAGE with the model (streamed to the terminal unless --json)."""
     from engram_app.inference import GenerationOptions
     from engram_app.service import Service
@@ -79,10 +82,10 @@ def chat(settings: Settings, message: str, as_json: bool, max_tokens: int, tempe
     service = Service(settings)
     options = GenerationOptions(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
-        result = service.chat(message, options=options)
+        result = service.chat(message, options=options, pack=pack, memory=not no_memory)
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))
         return
-    for token in service.stream_chat([], message, options):
+    for token in service.stream_chat([], message, options, pack=pack, memory=not no_memory):
         click.echo(token.delta, nl=False)
         sys.stdout.flush()
     click.echo()
@@ -217,6 +220,236 @@ def delete(settings: Settings, source: int) -> None:
 
     data = Service(settings).delete_source(source)
     click.echo(f"Deleted source {data['id']} ({data['title']}).")
+
+
+# --- memory packs and training ---------------------------------------------------------------
+
+
+@cli.command()
+@settings_options
+@click.option("--json", "as_json", is_flag=True)
+def packs(settings: Settings, as_json: bool) -> None:
+    """List the memory packs with their versions."""
+    from engram_app.service import Service
+
+    rows = Service(settings).packs()
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    for p in rows:
+        active = f"v{p['active_version']}" if p["active_version"] else "not trained"
+        collections = ", ".join(p["collections"]) or "all collections"
+        click.echo(f"{p['name']:16} {p['mode']:12} {p['preset']:7} {active:12} {len(p['versions'])} versions, "
+                   f"base {p['base_model']}, learns from {collections}")
+        if p["deleted_sources_learned"]:
+            click.echo(f"  ! learned {len(p['deleted_sources_learned'])} source(s) deleted since: retrain without "
+                       f"them with `train --pack {p['name']} --full`")
+    click.echo(f"{len(rows)} packs")
+
+
+@cli.group()
+def pack() -> None:
+    """Create and manage memory packs."""
+
+
+@pack.command("create")
+@settings_options
+@click.argument("name")
+@click.option("--size", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
+              help="Size preset of the memory tables (see `pack sizes`).")
+@click.option("--collections", multiple=True, help="Collections the pack learns from (repeat; default: all).")
+@click.option("--mode", type=click.Choice(["engram", "lora", "engram+lora"]), default="engram", show_default=True,
+              help="What trains: the Engram memory, a LoRA adapter, or both.")
+@click.option("--json", "as_json", is_flag=True)
+def pack_create(settings: Settings, name: str, size: str, collections: tuple[str, ...], mode: str, as_json: bool) -> None:
+    """Create the memory pack NAME for the base model (--model, default the bundled one)."""
+    from engram_app.service import Service
+
+    info = Service(settings).create_pack(name, settings.model, size=size, collections=list(collections), mode=mode)
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False))
+    else:
+        click.echo(f"Created pack {info['name']} ({info['mode']}, {info['preset']}, base {info['base_model']}).")
+
+
+@pack.command("sizes")
+@click.option("--json", "as_json", is_flag=True)
+def pack_sizes(as_json: bool) -> None:
+    """The size presets and what each needs."""
+    from engram_app.training import PRESETS
+
+    rows = [p.to_json() for p in PRESETS.values()]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for p in rows:
+        click.echo(f"{p['name']:8} {p['parameters'] / 1e6:8.1f} M parameters  {p['table_bytes'] / 2**20:8.0f} MiB  "
+                   f"{p['description']}")
+
+
+@cli.command()
+@settings_options
+@click.option("--pack", "pack_name", required=True, help="The pack to train.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (default: from --epochs).")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this many minutes of training.")
+@click.option("--epochs", type=float, default=None, help="Passes over the examples (default 6).")
+@click.option("--lr", type=float, default=None, help="Learning rate of the dense parts (tables train at 5x).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--full", is_flag=True, help="Retrain from scratch on every source (drops deleted sources' writes).")
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation at the end.")
+@click.option("--wait", is_flag=True, help="Wait for the job to finish (starting a worker if none is running).")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON (at the end with --wait).")
+def train(settings: Settings, pack_name: str, max_steps: int | None, max_minutes: float | None, epochs: float | None,
+          lr: float | None, batch_size: int | None, full: bool, no_eval: bool, wait: bool, as_json: bool) -> None:
+    """Queue a training job for a pack: it learns the sources it has not learned yet."""
+    from engram_app.service import Service
+    from engram_app.training import TrainOptions
+
+    given = {"max_steps": max_steps, "max_minutes": max_minutes, "epochs": epochs, "lr": lr, "batch_size": batch_size}
+    options = TrainOptions(**{k: v for k, v in given.items() if v is not None}, full=full, evaluate=not no_eval)
+    service = Service(settings)
+    job = service.train(pack_name, options)
+    if not wait:
+        if as_json:
+            click.echo(json.dumps(job, ensure_ascii=False))
+        else:
+            click.echo(f"Queued job {job['id']} for pack {pack_name}: follow it with `job {job['id']}`.")
+        return
+    if not as_json:
+        click.echo(f"Job {job['id']} queued; waiting for it (Ctrl-C stops waiting, not the job).", err=True)
+    seen = {"step": -1}
+
+    def show(view: dict) -> None:
+        if as_json or view["step"] == seen["step"] or not view["total_steps"]:
+            return
+        seen["step"] = view["step"]
+        latest = service.job(view["id"])["latest"]
+        loss = f" loss {latest['loss']:.3f}" if "loss" in latest else ""
+        eta = f", {latest['eta']:.0f} s left" if latest.get("eta") is not None else ""
+        click.echo(f"step {view['step']}/{view['total_steps']}{loss}{eta}", err=True)
+
+    final = service.wait(job["id"], on_update=show)
+    if as_json:
+        click.echo(json.dumps(service.job(final["id"]), ensure_ascii=False))
+    else:
+        _print_job(service.job(final["id"]))
+    if final["status"] == "failed":
+        sys.exit(1)
+
+
+def _print_job(job: dict) -> None:
+    total = job["total_steps"] or "?"
+    click.echo(f"Job {job['id']} ({job['pack']}): {job['status']}, step {job['step']}/{total}")
+    if job["error"]:
+        click.echo(f"  error: {job['error']}")
+    result = job["result"] or {}
+    if result.get("version"):
+        click.echo(f"  wrote version {result['version']}")
+    evaluation = result.get("evaluation") or {}
+    if "memorisation" in evaluation:
+        m, r = evaluation["memorisation"], evaluation["retention"]
+        click.echo(f"  memorisation loss {m['before']} -> {m['after']}; retention loss {r['base']} -> {r['after']} "
+                   f"(cost {r['cost']})")
+    if "recall" in evaluation:
+        rec = evaluation["recall"]
+        click.echo(f"  recall on {rec['probes']} probes: memory on {rec['memory_on']['recall']}, "
+                   f"off {rec['memory_off']['recall']}")
+    for line in job.get("log", [])[-5:]:
+        click.echo(f"  | {line['message']}")
+
+
+@cli.command()
+@settings_options
+@click.option("--json", "as_json", is_flag=True)
+def jobs(settings: Settings, as_json: bool) -> None:
+    """List training jobs, newest first."""
+    from engram_app.service import Service
+
+    rows = Service(settings).jobs()
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    for j in rows:
+        click.echo(f"{j['id']:>5}  {j['pack']:16} {j['status']:11} step {j['step']}/{j['total_steps'] or '?'}  "
+                   f"{j['created']}")
+    click.echo(f"{len(rows)} jobs")
+
+
+@cli.command()
+@settings_options
+@click.argument("job_id", type=int)
+@click.option("--metrics", is_flag=True, help="Include every step's metrics (with --json).")
+@click.option("--json", "as_json", is_flag=True)
+def job(settings: Settings, job_id: int, metrics: bool, as_json: bool) -> None:
+    """Show one job: status, progress, evaluation and the tail of its log."""
+    from engram_app.service import Service
+
+    view = Service(settings).job(job_id, metrics=metrics)
+    if as_json:
+        click.echo(json.dumps(view, ensure_ascii=False))
+    else:
+        _print_job(view)
+
+
+@cli.command()
+@settings_options
+@click.argument("job_id", type=int)
+def cancel(settings: Settings, job_id: int) -> None:
+    """Cancel a job: it stops at its next step and keeps what it learned as a version."""
+    from engram_app.service import Service
+
+    view = Service(settings).cancel(job_id)
+    click.echo(f"Job {job_id}: {view['status']}" + (" (stopping at the next step)" if view["status"] == "running" else ""))
+
+
+@cli.command()
+@settings_options
+@click.argument("name")
+@click.argument("version", type=int)
+def rollback(settings: Settings, name: str, version: int) -> None:
+    """Make VERSION the active version of pack NAME (versions are never deleted)."""
+    from engram_app.service import Service
+
+    info = Service(settings).rollback(name, version)
+    click.echo(f"Pack {name} now uses version {info['active_version']}.")
+
+
+@cli.command("eval")
+@settings_options
+@click.option("--pack", "pack_name", required=True)
+@click.option("--probes", "probes_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help='JSON lines of {"prompt": ..., "answer": ...}; the prompt is a user message.')
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(settings: Settings, pack_name: str, probes_file: Path, as_json: bool) -> None:
+    """Ask each probe with memory on and off: does the greedy reply contain the answer?"""
+    from engram_app.service import Service
+    from engram_app.training.evaluate import read_probes
+
+    probes = read_probes(probes_file)
+    report = Service(settings).evaluate(pack_name, probes)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    for p in report["probes"]:
+        on, off = p["memory_on"], p["memory_off"]
+        click.echo(f"{p['prompt']}  [answer: {p['answer']}]\n  on  {'+' if on['contains_answer'] else '-'} "
+                   f"{on['logprob']:7.3f}  {on['reply'][:100]}\n  off {'+' if off['contains_answer'] else '-'} "
+                   f"{off['logprob']:7.3f}  {off['reply'][:100]}")
+    s = report["summary"]
+    click.echo(f"recall: memory on {s['memory_on']['recall']}, off {s['memory_off']['recall']}; mean logprob: on "
+               f"{s['memory_on']['mean_logprob']}, off {s['memory_off']['mean_logprob']}")
+
+
+@cli.command()
+@settings_options
+@click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without a job.")
+@click.option("--lock-fd", type=int, default=None, hidden=True)
+def worker(settings: Settings, idle_exit: float | None, lock_fd: int | None) -> None:
+    """Run the training worker in the foreground (the app starts one by itself)."""
+    from engram_app.training.worker import Worker
+
+    logging.getLogger().setLevel(logging.INFO)
+    Worker(settings, idle_exit=idle_exit, lock_fd=lock_fd).run()
 
 
 def main(argv: list[str] | None = None) -> None:

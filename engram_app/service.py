@@ -7,19 +7,25 @@ start-up so that the first chat message is answered at once).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engram_app.errors import EngramError
 from engram_app.inference import GeneratedToken, GenerationOptions, Message, Runtime
 from engram_app.models import load_base_model, prepare_model, resolve_model
 from engram_app.settings import Settings, resolve_device
 
 if TYPE_CHECKING:
+    import sqlite_utils
+
     from engram_app.ingest import ImportResult, Library
+    from engram_app.training import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,8 @@ class Service:
         self.settings = settings
         self._runtime: Runtime | None = None
         self._library: Library | None = None
+        self._db: sqlite_utils.Database | None = None
+        self._pack_runtimes: dict[str, tuple[int, Runtime]] = {}  # pack -> (version, runtime)
         self._load_lock = threading.Lock()
 
     # --- model --------------------------------------------------------------------------
@@ -71,17 +79,57 @@ class Service:
     # --- chat ---------------------------------------------------------------------------
 
     def stream_chat(
-        self, history: Sequence[Message], message: str, options: GenerationOptions | None = None
+        self, history: Sequence[Message], message: str, options: GenerationOptions | None = None,
+        pack: str | None = None, memory: bool = True,
     ) -> Iterator[GeneratedToken]:
         """Stream the reply to ``message`` after the earlier turns in ``history``."""
-        return self.runtime.stream_chat([*history, Message("user", message)], options)
+        return self.chat_runtime(pack, memory).stream_chat([*history, Message("user", message)], options)
 
-    def chat(self, message: str, history: Sequence[Message] = (), options: GenerationOptions | None = None) -> ChatResult:
+    def chat(self, message: str, history: Sequence[Message] = (), options: GenerationOptions | None = None,
+             pack: str | None = None, memory: bool = True) -> ChatResult:
+        """Answer ``message``; with ``pack``, the model wears that pack's active version (unless not ``memory``)."""
+        runtime = self.chat_runtime(pack, memory)
         messages = [*history, Message("user", message)]
-        prompt_ids = self.runtime.chat_ids(messages)
-        tokens = list(self.runtime.stream_ids(prompt_ids, options))
-        reply = self.runtime.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
+        prompt_ids = runtime.chat_ids(messages)
+        tokens = list(runtime.stream_ids(prompt_ids, options))
+        reply = runtime.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
         return ChatResult(reply=reply, tokens=tokens, prompt_ids=prompt_ids)
+
+    def chat_runtime(self, pack: str | None = None, memory: bool = True) -> Runtime:
+        """The runtime for a chat: the base model, or a copy of it wearing ``pack``'s active version.
+
+        Each pack gets its own copy of the base model (its adapters live on it); a copy is rebuilt
+        when the pack's active version changes (a job finished, or a rollback), so chat uses the
+        new version at once.
+        """
+        if pack is None:
+            return self.runtime
+        from engram_app.training import adapters
+        from engram_app.training.job import model_spec
+
+        store = self.packs_store()
+        info = store.get(pack)
+        if not memory or info["active_version"] is None:
+            if memory:
+                raise EngramError(f"Pack {pack!r} has no trained version yet: train it first (`train --pack {pack}`).")
+            if model_spec(info["base_model"]) == self.settings.model:
+                return self.runtime
+        with self._load_lock:
+            cached = self._pack_runtimes.get(pack)
+            key = info["active_version"] if memory else -1
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            device = resolve_device(self.settings.device)
+            loaded = load_base_model(model_spec(info["base_model"]), self.settings.models_dir, device)
+            if memory:
+                version = store.version(pack)
+                config = store.config(store.row(pack))
+                adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), config)
+                adapted.model.eval()
+                loaded = dataclasses.replace(loaded, model=adapted.model)
+            runtime = Runtime(loaded)
+            self._pack_runtimes[pack] = (key, runtime)
+            return runtime
 
     # --- library ------------------------------------------------------------------------
 
@@ -123,3 +171,145 @@ class Service:
 
     def delete_source(self, source_id: int) -> dict:
         return self.library().delete(source_id)
+
+    # --- memory packs and training -----------------------------------------------------------
+
+    def db(self) -> sqlite_utils.Database:
+        if self._db is None:
+            from engram_app.store import open_db
+
+            self.settings.ensure_home()
+            self._db = open_db(self.settings.home)
+        return self._db
+
+    def packs_store(self):
+        from engram_app.training import PackStore
+
+        return PackStore(self.db(), self.settings.home)
+
+    def packs(self) -> list[dict]:
+        return self.packs_store().list()
+
+    def pack(self, name: str) -> dict:
+        return self.packs_store().get(name)
+
+    def create_pack(self, name: str, model: str | None = None, size: str = "medium",
+                    collections: Sequence[str] = (), mode: str = "engram") -> dict:
+        known = {r["name"] for r in self.db().query("select name from collections")}
+        unknown = [c for c in collections if c not in known]
+        if unknown:
+            raise EngramError(f"No collection named {', '.join(map(repr, unknown))} in the library "
+                              f"(collections: {', '.join(sorted(known)) or 'none yet'}).")
+        model = model or self.settings.model
+        if model is not None:
+            resolve_model(model)  # fails now, with a clear message, for a model that cannot be found
+        return self.packs_store().create(name, model, size=size, collections=list(collections), mode=mode)
+
+    def rollback(self, name: str, version: int) -> dict:
+        return self.packs_store().rollback(name, version)
+
+    def plan_training(self, pack: str, options: TrainOptions) -> dict:
+        """What a job would learn: new and replayed source ids, and the version it starts from."""
+        from engram_app.training.job import plan_job
+
+        store = self.packs_store()
+        job_plan, parent = plan_job(self.db(), store, store.get(pack), options)
+        return {**job_plan.to_json(), "parent": parent}
+
+    def train(self, pack: str, options: TrainOptions | None = None, start_worker: bool = True) -> dict:
+        """Queue a training job for ``pack`` (and start a worker if none is alive)."""
+        from engram_app.training import JobQueue, TrainOptions
+
+        options = options or TrainOptions()
+        store = self.packs_store()
+        info = store.get(pack)
+        plan = self.plan_training(pack, options)
+        if not plan["new"]:
+            where = f"collections {', '.join(info['collections'])}" if info["collections"] else "the library"
+            raise EngramError(f"Nothing new to learn for pack {pack!r}: {where} has no source it has not learned. "
+                              "Import files first, or retrain everything with --full.")
+        job_id = JobQueue(self.db()).submit(info["id"], options)
+        if start_worker:
+            self.ensure_worker()
+        return self.job(job_id)
+
+    def ensure_worker(self, idle_exit: float | None = 300.0) -> int | None:
+        from engram_app.training.worker import start_worker
+
+        return start_worker(self.settings, idle_exit=idle_exit)
+
+    def worker(self) -> dict:
+        from engram_app.training.worker import worker_info
+
+        return worker_info(self.settings.home)
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        from engram_app.training import JobQueue
+
+        alive = self.worker()["alive"]
+        return [_job_view(row, alive) for row in JobQueue(self.db()).rows(limit)]
+
+    def job(self, job_id: int, metrics: bool = False, log_tail: int = 20) -> dict:
+        """A job as the UI and ``job ID`` show it (``interrupted`` when its worker died)."""
+        from engram_app.training import JobQueue
+
+        queue = JobQueue(self.db())
+        view = _job_view(queue.row(job_id), self.worker()["alive"])
+        latest = list(self.db().query(
+            "select name, value from job_metrics where job_id = ? and step = (select max(step) from job_metrics "
+            "where job_id = ?)", [job_id, job_id]))
+        view["latest"] = {r["name"]: r["value"] for r in latest}
+        view["log"] = queue.logs(job_id, log_tail)
+        if metrics:
+            view["metrics"] = queue.metrics(job_id)
+        return view
+
+    def cancel(self, job_id: int) -> dict:
+        from engram_app.training import JobQueue
+
+        JobQueue(self.db()).cancel(job_id)
+        return self.job(job_id)
+
+    def wait(self, job_id: int, poll: float = 1.0, on_update=None) -> dict:
+        """Block until the job ends, starting a worker whenever none is alive to run it."""
+        while True:
+            view = self.job(job_id)
+            if view["status"] in ("done", "failed", "cancelled"):
+                return view
+            if not self.worker()["alive"]:
+                self.ensure_worker()
+            if on_update is not None:
+                on_update(view)
+            time.sleep(poll)
+
+    def evaluate(self, pack: str, probes, progress=None) -> dict:
+        """The ``eval`` report for ``probes`` on the pack's active version (memory on and off)."""
+        from engram_app.training import adapters
+        from engram_app.training.evaluate import run_probes
+        from engram_app.training.job import model_spec
+
+        store = self.packs_store()
+        info = store.get(pack)
+        version = store.version(pack)
+        if version is None:
+            raise EngramError(f"Pack {pack!r} has no trained version yet: train it first (`train --pack {pack}`).")
+        loaded = load_base_model(model_spec(info["base_model"]), self.settings.models_dir,
+                                 resolve_device(self.settings.device))
+        adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), store.config(store.row(pack)))
+        return run_probes(adapted, loaded.tokenizer, probes, progress)
+
+
+def _job_view(row: dict, worker_alive: bool) -> dict:
+    import json
+
+    status = row["status"]
+    if status == "running" and not worker_alive:
+        status = "interrupted"
+    options = json.loads(row["options"] or "{}")
+    return {
+        "id": row["id"], "pack": row["pack"], "status": status, "step": row["step"], "total_steps": row["total_steps"],
+        "progress": row["progress"], "cancel_requested": bool(row["cancel_requested"]), "error": row["error"],
+        "result": json.loads(row["result"]) if row["result"] else None, "options": options.get("train", {}),
+        "plan": options.get("plan"), "created": row["created"], "started": row["started"],
+        "finished": row["finished"], "heartbeat": row["heartbeat"],
+    }

@@ -84,20 +84,33 @@ class RowwiseAdam:
     def state_dict(self) -> dict:
         return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
 
+    def load_state_dict(self, state: dict) -> None:
+        device = self.weight.device
+        self.rows, self.exp_avg = state["rows"].to(device), state["exp_avg"].to(device)
+        self.exp_avg_sq, self.steps = state["exp_avg_sq"].to(device), state["steps"].to(device)
+
+    @property
+    def rows_touched(self) -> int:
+        return len(self.rows)
+
 
 class EngramOptimizer:
     """The table optimiser and AdamW stepped together; quacks like one optimiser for a loop."""
 
     def __init__(self, memory: EngramModel | None, lr: float, weight_decay: float = 0.0,
-                 extra_parameters: Iterable[nn.Parameter] = ()):
-        dense = [p for p in extra_parameters if p.requires_grad]
+                 extra_parameters: Iterable[nn.Parameter] = (), extra_lr: float | None = None):
+        extra = [p for p in extra_parameters if p.requires_grad]
         self.optimizers: list = []
+        groups = []
         if memory is not None:
             for weight in memory.sparse_parameters():
                 self.optimizers.append(RowwiseAdam(weight, lr=lr * memory.config.table_lr_scale))
-            dense = memory.dense_parameters() + dense
-        if dense:
-            self.optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay))
+            groups.append({"params": memory.dense_parameters(), "lr": lr})
+        if extra:  # e.g. LoRA weights, at their own learning rate when given
+            groups.append({"params": extra, "lr": extra_lr if extra_lr is not None else lr})
+        groups = [g for g in groups if g["params"]]
+        if groups:
+            self.optimizers.append(torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay))
         if not self.optimizers:
             raise ValueError("nothing to train: no memory and no trainable parameters")
 
@@ -111,3 +124,14 @@ class EngramOptimizer:
 
     def state_dict(self) -> list[dict]:
         return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"optimiser state for {len(states)} optimisers, this one has {len(self.optimizers)}")
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+
+    @property
+    def rows_touched(self) -> int:
+        """Table rows with optimiser state: the rows training has written so far."""
+        return sum(opt.rows_touched for opt in self.optimizers if isinstance(opt, RowwiseAdam))

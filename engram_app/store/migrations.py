@@ -137,3 +137,16 @@ def m002_packs_jobs_chats(db: sqlite_utils.Database) -> None:
         foreign_keys=[("conversation_id", "conversations", "id")],
     )
     db["messages"].create_index(["conversation_id", "id"])
+
+
+@migration
+def m003_job_control(db: sqlite_utils.Database) -> None:
+    """Cooperative cancel, a log per job, and the kind of each job (train or evaluate)."""
+    db["jobs"].add_column("cancel_requested", int, not_null_default=0)
+    db["jobs"].add_column("result", str)  # JSON: what the job produced (version number, evaluation)
+    db["job_logs"].create(
+        {"id": int, "job_id": int, "level": str, "message": str, "created": str},
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+    )
+    db["job_logs"].create_index(["job_id", "id"])

@@ -1,0 +1,192 @@
+"""What a version learned and what it cost.
+
+- Memorisation: mean loss on (a sample of) the text trained on, before and after the job.
+- Retention: mean loss on text the base model finds natural (its own greedy replies to a fixed
+  set of prompts, memory off, generated once per pack), for the base model, and with the memory
+  before and after the job. The rise over the base model is the forgetting cost.
+- Recall: for each probe (a question and the answer a reply should contain), the greedy reply
+  with memory on and off, whether it contains the answer (case-insensitive), and the mean
+  log-probability of the answer's tokens right after the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from engram_app.training.adapters import Adapted
+from engram_app.training.text import IGNORE, Example, Probe
+
+RETENTION_PROMPTS = (
+    "Write two sentences about the ocean.",
+    "Explain what a computer does, briefly.",
+    "Give me a tip for cooking rice.",
+    "Describe a busy city street.",
+    "What is the capital of France?",
+    "Tell me a short fact about the moon.",
+    "How do plants grow?",
+    "Suggest a name for a small bakery.",
+)
+REPLY_TOKENS = 40
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int, device) -> dict:
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@torch.no_grad()
+def mean_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 8) -> float | None:
+    """Token-weighted mean loss over ``examples`` (None when there are none)."""
+    if not examples:
+        return None
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[i: i + batch_size], pad_id(tokenizer), device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE,
+                                                   reduction="sum")
+        total += float(losses)
+        count += int((targets != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    messages = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):  # as the chat runtime builds its prompts
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(f"user: {prompt}\nassistant:")
+
+
+@torch.no_grad()
+def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int = REPLY_TOKENS) -> tuple[str, list[int]]:
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad_id(tokenizer))
+    new = out[0, ids.shape[1]:].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), new
+
+
+@torch.no_grad()
+def answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
+    """Mean log-probability of the answer's tokens right after the prompt (teacher-forced)."""
+    device = next(model.parameters()).device
+    head = prompt_ids(tokenizer, prompt)
+    tail = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([head + tail], device=device)
+    logits = model(input_ids=ids).logits[0, len(head) - 1: -1].float()
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tail, device=device)[:, None])
+    return float(logprobs.mean())
+
+
+def probe_result(adapted: Adapted, tokenizer, probe: Probe, memory_on: bool) -> dict:
+    model = adapted.model
+    if memory_on:
+        reply, _ = greedy_reply(model, tokenizer, probe.prompt)
+        logprob = answer_logprob(model, tokenizer, probe.prompt, probe.answer)
+    else:
+        with adapted.off():
+            reply, _ = greedy_reply(model, tokenizer, probe.prompt)
+            logprob = answer_logprob(model, tokenizer, probe.prompt, probe.answer)
+    return {"reply": reply, "contains_answer": probe.answer.lower() in reply.lower(), "logprob": round(logprob, 4)}
+
+
+def run_probes(adapted: Adapted, tokenizer, probes: Sequence[Probe],
+               progress: Callable[[int, int], None] | None = None) -> dict:
+    """The ``eval`` report: every probe with memory on and off, and a summary of each."""
+    was_training = adapted.model.training
+    adapted.model.eval()
+    results = []
+    for i, probe in enumerate(probes):
+        results.append({"prompt": probe.prompt, "answer": probe.answer,
+                        "memory_on": probe_result(adapted, tokenizer, probe, True),
+                        "memory_off": probe_result(adapted, tokenizer, probe, False)})
+        if progress:
+            progress(i + 1, len(probes))
+    adapted.model.train(was_training)
+    summary = {}
+    for side in ("memory_on", "memory_off"):
+        if results:
+            summary[side] = {
+                "recall": round(sum(r[side]["contains_answer"] for r in results) / len(results), 4),
+                "mean_logprob": round(sum(r[side]["logprob"] for r in results) / len(results), 4),
+            }
+        else:
+            summary[side] = {"recall": None, "mean_logprob": None}
+    return {"probes": results, "summary": summary}
+
+
+def read_probes(path: Path) -> list[Probe]:
+    """Probes from a JSON-lines file of ``{"prompt": ..., "answer": ...}``; errors name the line."""
+    from engram_app.errors import EngramError
+
+    probes = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EngramError(f"Cannot read probes from {path}: {exc.strerror or exc}.") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EngramError(f"{path}, line {number}: not JSON ({exc.msg}).") from None
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not isinstance(data.get("answer"), str) \
+                or not data["prompt"].strip() or not data["answer"].strip():
+            raise EngramError(f'{path}, line {number}: expected {{"prompt": "...", "answer": "..."}} with non-empty strings.')
+        probes.append(Probe(data["prompt"], data["answer"]))
+    if not probes:
+        raise EngramError(f"{path} holds no probes.")
+    return probes
+
+
+def retention_examples(adapted: Adapted, tokenizer, cache: Path, max_length: int = 256) -> list[Example]:
+    """The base model's own replies to fixed prompts (memory off), generated once per pack."""
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+    else:
+        data = []
+        with adapted.off():
+            for prompt in RETENTION_PROMPTS:
+                reply, ids = greedy_reply(adapted.model, tokenizer, prompt, max_new_tokens=48)
+                data.append({"prompt": prompt, "reply": reply, "reply_ids": ids})
+        tmp = cache.with_suffix(".tmp")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(cache)
+    out = []
+    for item in data:
+        head, tail = prompt_ids(tokenizer, item["prompt"]), item["reply_ids"]
+        if tail:
+            ids = (head + tail)[:max_length]
+            out.append(Example(ids, ([IGNORE] * len(head) + tail)[:max_length], -1, "retention"))
+    return out
+
+
+def relative(before: float | None, after: float | None) -> float | None:
+    if before is None or after is None or not math.isfinite(before) or before == 0:
+        return None
+    return round((after - before) / before, 4)

@@ -1,0 +1,184 @@
+"""One training job from start (or resume) to a new pack version.
+
+1. Plan (first start only, kept in the job row): new sources, replay sources, parent version.
+2. Adapters: from the job's checkpoint when resuming, else the parent version, else fresh.
+3. Evaluation before training (first start only, kept in the checkpoint).
+4. Train, with a checkpoint every ``checkpoint_seconds`` and one at the end.
+5. Evaluation after, the version folder (adapters + slot index), then the database row that
+   makes it the pack's active version. Until that row is committed the pack loads as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from engram_app.errors import EngramError
+from engram_app.models import load_base_model
+from engram_app.settings import Settings, resolve_device
+from engram_app.training import adapters
+from engram_app.training.dataset import Plan, build, plan
+from engram_app.training.evaluate import mean_loss, relative, retention_examples, run_probes
+from engram_app.training.jobs import JobQueue, TrainOptions
+from engram_app.training.packs import PackStore
+from engram_app.training.slots import SlotIndex, SlotIndexBuilder
+from engram_app.training.text import Probe
+from engram_app.training.trainer import ADAPTER_DIR, StepReport, Trainer
+
+log = logging.getLogger(__name__)
+SAMPLE = 64  # examples used to measure memorisation
+
+
+def model_spec(base_model: str) -> str | None:
+    return None if base_model in (None, "default") else base_model
+
+
+def plan_job(db: sqlite_utils.Database, packs: PackStore, pack: dict, options: TrainOptions) -> tuple[Plan, int | None]:
+    """What a job on ``pack`` would train on, and the version it would start from."""
+    active = packs.version(pack["name"])
+    parent = None if options.full or active is None else active["number"]
+    learned = [] if parent is None else active["sources"]
+    return plan(db, pack["collections"], learned, options.full), parent
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, db: sqlite_utils.Database, job: dict,
+                 should_stop: Callable[[], bool] = lambda: False, shutting_down: Callable[[], bool] = lambda: False):
+        self.settings, self.db, self.job = settings, db, job
+        self.queue, self.packs = JobQueue(db), PackStore(db, settings.home)
+        self.should_stop, self.shutting_down = should_stop, shutting_down
+        self.job_id = job["id"]
+
+    def say(self, message: str, level: str = "info") -> None:
+        log.log(logging.WARNING if level == "warning" else logging.INFO, "job %s: %s", self.job_id, message)
+        self.queue.log(self.job_id, message, level)
+
+    def run(self) -> dict:
+        """Run the job; returns its result. Raises on failure (the worker records it)."""
+        pack = self.packs.get(self.job["pack"])
+        config = self.packs.config(self.packs.row(pack["name"]))
+        stored = self.queue.options(self.job)
+        options = TrainOptions.from_json(stored.get("train", {}))
+        if "plan" not in stored:
+            job_plan, parent = plan_job(self.db, self.packs, pack, options)
+            stored.update(plan=job_plan.to_json(), parent=parent)
+            self.queue.set_options(self.job_id, stored)
+        job_plan, parent = Plan.from_json(stored["plan"]), stored["parent"]
+
+        self.say(f"loading base model {pack['base_model']}")
+        loaded = load_base_model(model_spec(pack["base_model"]), self.settings.models_dir,
+                                 resolve_device(self.settings.device))
+        tokenizer = loaded.tokenizer
+        new, replay, new_probes, old_probes = build(self.db, tokenizer, job_plan, options.max_length, options.replay,
+                                                    options.seed)
+        if not new:
+            raise EngramError("Nothing to learn: the pack's collections have no sources it has not learned "
+                              "(import files, or retrain everything with --full).")
+        examples = new + replay
+        self.say(f"{len(job_plan.new)} new sources ({len(new)} examples), {len(replay)} replayed examples")
+
+        job_dir = self.packs.job_folder(pack["name"], self.job_id)
+        checkpoint = job_dir / "checkpoint"
+        resuming = Trainer.checkpoint_state(checkpoint) is not None
+        parent_dir = self.packs.version_folder(pack["name"], parent) if parent is not None else None
+        if resuming:
+            adapted = adapters.load(loaded.model, tokenizer, checkpoint / ADAPTER_DIR, config, trainable=True)
+        elif parent_dir is not None:
+            adapted = adapters.load(loaded.model, tokenizer, parent_dir, config, trainable=True)
+        else:
+            adapted = adapters.attach(loaded.model, tokenizer, config)
+
+        trainer = Trainer(adapted, tokenizer, examples, options, on_step=self._on_step, should_stop=self.should_stop,
+                          checkpoint_dir=checkpoint)
+        sample = random.Random(options.seed).sample(new, min(SAMPLE, len(new))) if new else []
+        retention = retention_examples(adapted, tokenizer, self.packs.folder(pack["name"]) / "retention.json")
+        if resuming:
+            trainer.load_optimizer(checkpoint)
+            self.queue.forget_metrics_after(self.job_id, trainer.step)
+            self.say(f"resuming from the checkpoint at step {trainer.step} of {trainer.total}")
+        else:
+            self.say("measuring before training")
+            with adapted.off():
+                base_retention = mean_loss(adapted.model, tokenizer, retention)
+            trainer.extra = {"memorisation_before": mean_loss(adapted.model, tokenizer, sample),
+                             "retention_base": base_retention,
+                             "retention_before": mean_loss(adapted.model, tokenizer, retention)}
+            trainer.save_checkpoint()
+        self.say(f"training: {trainer.total} steps" + (f", at most {options.max_minutes} min" if options.max_minutes else ""))
+        outcome = trainer.run()
+        trainer.save_checkpoint()
+        if outcome == "stopped" and self.shutting_down():
+            self.say(f"worker stopping: checkpoint kept at step {trainer.step}, the job resumes with the next worker")
+            return {"outcome": "interrupted", "steps": trainer.step}
+
+        if outcome == "stopped" and (not options.keep_on_cancel or trainer.step == 0):
+            self.say("cancelled; no version written")
+            shutil.rmtree(job_dir, ignore_errors=True)
+            return {"outcome": "cancelled", "version": None, "steps": trainer.step}
+        self.say("evaluating" if options.evaluate else "writing the version")
+        evaluation = self._evaluate(adapted, tokenizer, trainer, sample, retention, new_probes, old_probes, options,
+                                    outcome)
+        number = self.packs.next_number(pack["id"])
+        folder = self.packs.version_folder(pack["name"], number)
+        adapted.save(folder)
+        if adapted.memory is not None:
+            self._write_slots(adapted, tokenizer, folder, job_plan, options, parent_dir)
+        self.packs.record_version(pack["id"], number, folder, self.job_id, job_plan.learned, evaluation)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        self.say(f"version {number} written and active")
+        return {"outcome": "cancelled" if outcome == "stopped" else "done", "version": number, "steps": trainer.step,
+                "evaluation": evaluation}
+
+    def _on_step(self, report: StepReport) -> None:
+        self.queue.progress(self.job_id, report.step, report.total, report.metrics())
+        if report.step == 1 or report.step % 25 == 0 or report.step == report.total:
+            eta = f", {report.eta:.0f} s left" if report.eta is not None else ""
+            self.say(f"step {report.step}/{report.total}: loss {report.loss:.3f}, "
+                     f"{report.tokens_per_second:.0f} tok/s{eta}")
+
+    def _evaluate(self, adapted, tokenizer, trainer: Trainer, sample, retention, new_probes: list[Probe],
+                  old_probes: list[Probe], options: TrainOptions, outcome: str) -> dict:
+        before = trainer.extra
+        evaluation = {"steps": trainer.step, "planned_steps": trainer.total, "outcome": outcome,
+                      "train_seconds": round(trainer.elapsed, 1), "examples": len(trainer.examples),
+                      "rows_touched": trainer.optimizer.rows_touched}
+        if not options.evaluate:
+            return evaluation
+        after = mean_loss(adapted.model, tokenizer, sample)
+        retained = mean_loss(adapted.model, tokenizer, retention)
+        evaluation["memorisation"] = {"before": _round(before.get("memorisation_before")), "after": _round(after),
+                                      "change": relative(before.get("memorisation_before"), after)}
+        evaluation["retention"] = {"base": _round(before.get("retention_base")),
+                                   "before": _round(before.get("retention_before")), "after": _round(retained),
+                                   "cost": relative(before.get("retention_base"), retained)}
+        probes = (new_probes + old_probes)[: options.max_probes]
+        if probes:
+            report = run_probes(adapted, tokenizer, probes)
+            evaluation["recall"] = {**report["summary"], "probes": len(probes),
+                                    "examples": report["probes"][:options.max_probes]}
+        return evaluation
+
+    def _write_slots(self, adapted, tokenizer, folder: Path, job_plan: Plan, options: TrainOptions,
+                     parent_dir: Path | None) -> None:
+        builder = SlotIndexBuilder(adapted.memory)
+        from engram_app.training.dataset import source_examples
+
+        for sid in job_plan.new:
+            for example in source_examples(self.db, tokenizer, sid, options.max_length)[0]:
+                builder.add(example.ids, sid)
+        previous = None
+        if parent_dir is not None and SlotIndex.exists(parent_dir / "slots"):
+            previous = SlotIndex.open(parent_dir / "slots")
+        tmp = folder / ".slots.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        builder.write(tmp, previous)
+        adapters.replace_dir(tmp, folder / "slots")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

@@ -1,0 +1,158 @@
+"""Training jobs in SQLite: the queue the worker reads and the record the UI polls.
+
+Statuses: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``cancelled``. A job whose worker
+died is still ``running`` in the table; readers show it as ``interrupted`` (no live worker holds
+the worker lock), and the next worker resumes it from its last checkpoint before anything else.
+Cancel is a flag the running job reads at every step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import sqlite_utils
+
+from engram_app.errors import EngramError
+from engram_app.training.packs import now
+
+ACTIVE = ("queued", "running")
+FINISHED = ("done", "failed", "cancelled")
+
+
+@dataclass
+class TrainOptions:
+    """What a job does; every field has a default tuned on Synthetic-Persona-Chat (docs/TRAINING.md)."""
+
+    max_steps: int | None = None  # None: ``epochs`` passes over the examples
+    max_minutes: float | None = None  # a wall-clock budget; the job stops (and saves) when it is spent
+    epochs: float = 6.0
+    lr: float = 3e-3  # dense Engram parts; tables train at lr x table_lr_scale
+    lora_lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 256
+    replay: float = 0.5  # replayed examples of earlier sources per new example
+    full: bool = False  # retrain from scratch on every source (drops deleted sources' writes)
+    seed: int = 0
+    checkpoint_seconds: float = 30.0
+    keep_on_cancel: bool = True  # a cancelled job still writes a version of what it learned
+    evaluate: bool = True
+    max_probes: int = 24
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise EngramError("max steps must be at least 1.")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise EngramError("max minutes must be more than 0.")
+        if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
+            raise EngramError("batch size, epochs and learning rate must be positive.")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainOptions:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class JobQueue:
+    def __init__(self, db: sqlite_utils.Database):
+        self.db = db
+
+    def submit(self, pack_id: int, options: TrainOptions) -> int:
+        with self.db.atomic():
+            return self.db["jobs"].insert({
+                "pack_id": pack_id, "status": "queued", "options": json.dumps({"train": options.to_json()}),
+                "progress": 0.0, "step": 0, "total_steps": None, "error": None, "worker": None, "heartbeat": None,
+                "created": now(), "started": None, "finished": None, "cancel_requested": 0, "result": None,
+            }).last_pk
+
+    def row(self, job_id: int) -> dict:
+        rows = list(self.db.query("select j.*, p.name as pack from jobs j join packs p on p.id = j.pack_id "
+                                  "where j.id = ?", [job_id]))
+        if not rows:
+            raise EngramError(f"No job {job_id}. List jobs with `jobs`.")
+        return rows[0]
+
+    def rows(self, limit: int = 50) -> list[dict]:
+        return list(self.db.query("select j.*, p.name as pack from jobs j join packs p on p.id = j.pack_id "
+                                  "order by j.id desc limit ?", [limit]))
+
+    def options(self, job: dict) -> dict:
+        return json.loads(job["options"] or "{}")
+
+    def set_options(self, job_id: int, options: dict) -> None:
+        with self.db.atomic():
+            self.db.execute("update jobs set options = ? where id = ?", [json.dumps(options), job_id])
+
+    # --- the worker's side ------------------------------------------------------------------
+
+    def claim(self, worker: str) -> dict | None:
+        """The next job for this worker: an interrupted one first (to resume), else the oldest queued."""
+        with self.db.atomic():
+            rows = list(self.db.query(
+                "select id from jobs where status = 'running' order by id limit 1")) or list(self.db.query(
+                    "select id from jobs where status = 'queued' order by id limit 1"))
+            if not rows:
+                return None
+            job_id = rows[0]["id"]
+            self.db.execute("update jobs set status = 'running', worker = ?, heartbeat = ?, "
+                            "started = coalesce(started, ?) where id = ?", [worker, now(), now(), job_id])
+        return self.row(job_id)
+
+    def heartbeat(self, job_id: int) -> bool:
+        """Record that the job's worker is alive; returns whether a cancel was requested."""
+        with self.db.atomic():
+            self.db.execute("update jobs set heartbeat = ? where id = ?", [now(), job_id])
+        return bool(self.db.execute("select cancel_requested from jobs where id = ?", [job_id]).fetchone()[0])
+
+    def progress(self, job_id: int, step: int, total: int, metrics: dict[str, float]) -> None:
+        """One training step: the job's position and the step's metrics, in one transaction."""
+        stamp = now()
+        with self.db.atomic():
+            self.db.execute("update jobs set step = ?, total_steps = ?, progress = ?, heartbeat = ? where id = ?",
+                            [step, total, min(1.0, step / max(total, 1)), stamp, job_id])
+            self.db["job_metrics"].insert_all(
+                [{"job_id": job_id, "step": step, "name": k, "value": float(v), "created": stamp}
+                 for k, v in metrics.items() if v is not None])
+
+    def forget_metrics_after(self, job_id: int, step: int) -> None:
+        """A resumed job repeats the steps after its checkpoint: drop their earlier records."""
+        with self.db.atomic():
+            self.db.execute("delete from job_metrics where job_id = ? and step > ?", [job_id, step])
+
+    def log(self, job_id: int, message: str, level: str = "info") -> None:
+        with self.db.atomic():
+            self.db["job_logs"].insert({"job_id": job_id, "level": level, "message": message[:2000], "created": now()})
+
+    def finish(self, job_id: int, status: str, result: dict | None = None, error: str | None = None) -> None:
+        assert status in FINISHED
+        with self.db.atomic():
+            self.db.execute("update jobs set status = ?, result = ?, error = ?, finished = ? where id = ?",
+                            [status, json.dumps(result) if result is not None else None, error, now(), job_id])
+
+    # --- the user's side --------------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> dict:
+        job = self.row(job_id)
+        if job["status"] in FINISHED:
+            raise EngramError(f"Job {job_id} is {job['status']} already.")
+        with self.db.atomic():
+            if job["status"] == "queued":  # never started: nothing to stop
+                self.db.execute("update jobs set status = 'cancelled', cancel_requested = 1, finished = ? "
+                                "where id = ? and status = 'queued'", [now(), job_id])
+            self.db.execute("update jobs set cancel_requested = 1 where id = ?", [job_id])
+        return self.row(job_id)
+
+    def metrics(self, job_id: int, since_step: int = 0) -> dict[str, list[tuple[int, float]]]:
+        out: dict[str, list[tuple[int, float]]] = {}
+        for r in self.db.query("select step, name, value from job_metrics where job_id = ? and step > ? "
+                               "order by step, id", [job_id, since_step]):
+            out.setdefault(r["name"], []).append((r["step"], r["value"]))
+        return out
+
+    def logs(self, job_id: int, tail: int = 50) -> list[dict]:
+        rows = list(self.db.query("select level, message, created from job_logs where job_id = ? order by id desc "
+                                  "limit ?", [job_id, tail]))
+        return rows[::-1]

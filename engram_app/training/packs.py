@@ -1,0 +1,200 @@
+"""Memory packs: a named memory bound to one base model, with immutable numbered versions.
+
+    <home>/packs/<name>/v<N>/     adapter_config.json + adapter_model.safetensors (+ lora/) + slots/
+    <home>/packs/<name>/jobs/<id>/checkpoint/   the running job's last checkpoint
+
+The ``packs`` row points at its active version; rolling back points it at an earlier one. A
+version's folder is written under a temporary name and renamed, and only then recorded in the
+database, so a kill at any moment leaves the pack loadable at its previous version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+from engram_app.engram import EngramConfig
+from engram_app.errors import EngramError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MODES = ("engram", "lora", "engram+lora")
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    name: str
+    rows_per_head: int
+    head_dim: int
+    description: str
+
+    def engram_config(self) -> EngramConfig:
+        return EngramConfig(rows_per_head=self.rows_per_head, head_dim=self.head_dim)
+
+    def parameters(self, layers: int = 1) -> int:
+        config = self.engram_config()
+        return layers * len(config.orders) * config.heads * self.rows_per_head * self.head_dim
+
+    def table_bytes(self, layers: int = 1) -> int:
+        return 4 * self.parameters(layers)  # fp32 on disk and on the CPU
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "parameters": self.parameters(), "table_bytes": self.table_bytes()}
+
+
+# Training holds the table, its gradient rows and optimiser state for the rows touched; RAM
+# needed is ~1.2x the table plus the base model. Figures in docs/TRAINING.md.
+PRESETS = {
+    p.name: p for p in (
+        SizePreset("small", 4_093, 32, "~2 M parameters (8 MB): a few profiles and chats"),
+        SizePreset("medium", 32_749, 32, "~17 M parameters (67 MB): the default; a library of documents"),
+        SizePreset("large", 262_139, 32, "~134 M parameters (537 MB): a large library"),
+    )
+}
+DEFAULT_PRESET = "medium"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class PackConfig:
+    """What a pack is: its memory shape, what trains, and which collections it learns from."""
+
+    preset: str = DEFAULT_PRESET
+    mode: str = "engram"  # engram | lora | engram+lora
+    engram: dict = field(default_factory=dict)  # EngramConfig.to_dict()
+    lora_r: int = 16
+
+    def engram_config(self) -> EngramConfig:
+        return EngramConfig.from_dict(self.engram)
+
+    @property
+    def uses_engram(self) -> bool:
+        return "engram" in self.mode
+
+    @property
+    def uses_lora(self) -> bool:
+        return "lora" in self.mode
+
+
+class PackStore:
+    """Packs and versions in the database and under ``<home>/packs``."""
+
+    def __init__(self, db: sqlite_utils.Database, home: Path):
+        self.db = db
+        self.root = Path(home) / "packs"
+
+    # --- packs --------------------------------------------------------------------------------
+
+    def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
+               collections: list[str] | None = None, mode: str = "engram") -> dict:
+        if not NAME.match(name or ""):
+            raise EngramError(f"Invalid pack name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+                              "letter or digit.")
+        if size not in PRESETS:
+            raise EngramError(f"Unknown size {size!r}: choose one of {', '.join(PRESETS)}.")
+        if mode not in MODES:
+            raise EngramError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
+        if self.db["packs"].count_where("name = ?", [name]):
+            raise EngramError(f"A pack named {name!r} exists already.")
+        config = PackConfig(preset=size, mode=mode, engram=PRESETS[size].engram_config().to_dict())
+        with self.db.atomic():
+            self.db["packs"].insert({
+                "name": name, "base_model": base_model or "default", "config": json.dumps(asdict(config)),
+                "collections": json.dumps(sorted(set(collections or []))), "active_version": None, "created": now(),
+            })
+        return self.get(name)
+
+    def list(self) -> list[dict]:
+        return [self._describe(row) for row in self.db.query("select * from packs order by name")]
+
+    def row(self, name: str) -> dict:
+        rows = list(self.db.query("select * from packs where name = ?", [name]))
+        if not rows:
+            known = ", ".join(r["name"] for r in self.db.query("select name from packs order by name")) or "none yet"
+            raise EngramError(f"No memory pack named {name!r} (packs: {known}). Create one with `pack create {name}`.")
+        return rows[0]
+
+    def get(self, name: str) -> dict:
+        return self._describe(self.row(name))
+
+    def config(self, pack: dict) -> PackConfig:
+        return PackConfig(**json.loads(pack["config"]))
+
+    def _describe(self, row: dict) -> dict:
+        versions = self.versions(row["id"])
+        active = next((v for v in versions if v["number"] == row["active_version"]), None)
+        learned = active["sources"] if active else []
+        forgotten = []
+        if learned:
+            marks = ",".join("?" * len(learned))
+            forgotten = [r["id"] for r in self.db.query(
+                f"select id from sources where status = 'deleted' and id in ({marks})", learned)]
+        config = PackConfig(**json.loads(row["config"]))
+        return {
+            "id": row["id"], "name": row["name"], "base_model": row["base_model"], "preset": config.preset,
+            "mode": config.mode, "parameters": PRESETS[config.preset].parameters(len(config.engram.get("layers") or [1]))
+            if config.uses_engram else None,
+            "collections": json.loads(row["collections"] or "[]"), "active_version": row["active_version"],
+            "versions": versions, "learned_sources": len(learned), "deleted_sources_learned": forgotten,
+            "created": row["created"],
+        }
+
+    # --- versions -----------------------------------------------------------------------------
+
+    def versions(self, pack_id: int) -> list[dict]:
+        out = []
+        for v in self.db.query("select * from pack_versions where pack_id = ? order by number", [pack_id]):
+            out.append({"number": v["number"], "path": v["path"], "job_id": v["job_id"],
+                        "sources": json.loads(v["sources"] or "[]"), "evaluation": json.loads(v["evaluation"] or "null"),
+                        "created": v["created"]})
+        return out
+
+    def version(self, name: str, number: int | None = None) -> dict | None:
+        """A version of the pack (its active one by default); None when it has none."""
+        pack = self.get(name)
+        number = pack["active_version"] if number is None else number
+        return next((v for v in pack["versions"] if v["number"] == number), None)
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def version_folder(self, name: str, number: int) -> Path:
+        return self.folder(name) / f"v{number}"
+
+    def job_folder(self, name: str, job_id: int) -> Path:
+        return self.folder(name) / "jobs" / str(job_id)
+
+    def next_number(self, pack_id: int) -> int:
+        row = self.db.execute("select max(number) from pack_versions where pack_id = ?", [pack_id]).fetchone()
+        return (row[0] or 0) + 1
+
+    def record_version(self, pack_id: int, number: int, path: Path, job_id: int | None, sources: list[int],
+                       evaluation: dict | None) -> None:
+        """Record a version whose folder is complete, and make it the active one (one transaction)."""
+        with self.db.atomic():
+            self.db.execute("delete from pack_versions where pack_id = ? and number = ?", [pack_id, number])
+            self.db["pack_versions"].insert({
+                "pack_id": pack_id, "number": number, "path": str(path), "job_id": job_id,
+                "sources": json.dumps(sorted(set(sources))), "evaluation": json.dumps(evaluation), "created": now(),
+            })
+            self.db.execute("update packs set active_version = ? where id = ?", [number, pack_id])
+
+    def rollback(self, name: str, number: int) -> dict:
+        pack = self.get(name)
+        if not any(v["number"] == number for v in pack["versions"]):
+            have = ", ".join(str(v["number"]) for v in pack["versions"]) or "none"
+            raise EngramError(f"Pack {name!r} has no version {number} (versions: {have}).")
+        with self.db.atomic():
+            self.db.execute("update packs set active_version = ? where id = ?", [number, pack["id"]])
+        return self.get(name)
+
+    def clean_job(self, name: str, job_id: int) -> None:
+        shutil.rmtree(self.job_folder(name, job_id), ignore_errors=True)

@@ -1,0 +1,195 @@
+"""The training loop of one job, with checkpoints it can resume from.
+
+Batches are drawn in a fixed order from the job's seed (a fresh permutation of the examples per
+epoch), so a job resumed at step ``s`` sees exactly the batches it would have seen. A checkpoint
+is the adapters, the optimiser state (safetensors) and a small JSON state, written to a temporary
+folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engram_app.engram import EngramOptimizer
+from engram_app.training.adapters import Adapted, replace_dir
+from engram_app.training.evaluate import pad_batch, pad_id
+from engram_app.training.jobs import TrainOptions
+from engram_app.training.text import Example
+
+ADAPTER_DIR = "adapter"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class StepReport:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    tokens_per_second: float
+    elapsed: float
+    eta: float | None
+    rows_touched: int
+
+    def metrics(self) -> dict[str, float | None]:
+        return {"loss": self.loss, "lr": self.lr, "tokens_per_second": self.tokens_per_second,
+                "elapsed": self.elapsed, "eta": self.eta, "rows_touched": self.rows_touched}
+
+
+def total_steps(options: TrainOptions, examples: int) -> int:
+    if options.max_steps is not None:
+        return options.max_steps
+    return max(1, math.ceil(options.epochs * examples / options.batch_size))
+
+
+def batch_indices(count: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of step ``step`` (0-based): a deterministic function of (count, seed, step)."""
+    per_epoch = max(1, math.ceil(count / batch_size))
+    epoch, index = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(count, generator=generator).tolist()
+    return order[index * batch_size: (index + 1) * batch_size]
+
+
+def make_optimizer(adapted: Adapted, options: TrainOptions) -> EngramOptimizer:
+    return EngramOptimizer(adapted.memory, lr=options.lr, extra_parameters=adapted.trainable_extra(),
+                           extra_lr=options.lora_lr)
+
+
+class Trainer:
+    def __init__(self, adapted: Adapted, tokenizer, examples: list[Example], options: TrainOptions,
+                 on_step: Callable[[StepReport], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 on_checkpoint: Callable[[int], None] | None = None,
+                 checkpoint_dir: Path | None = None):
+        if not examples:
+            raise ValueError("nothing to train on")
+        self.adapted, self.tokenizer, self.examples, self.options = adapted, tokenizer, examples, options
+        self.on_step, self.should_stop, self.on_checkpoint = on_step, should_stop, on_checkpoint
+        self.checkpoint_dir = checkpoint_dir
+        self.optimizer = make_optimizer(adapted, options)
+        self.total = total_steps(options, len(examples))
+        self.step = 0
+        self.elapsed = 0.0  # seconds of training so far, across resumes
+        self.extra: dict = {}  # the job's own state kept in checkpoints (e.g. evaluation before training)
+        self.device = next(adapted.base.parameters()).device
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        folder = self.checkpoint_dir
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
+        try:
+            self.adapted.save(tmp / ADAPTER_DIR)
+            tensors, groups = {}, []
+            for k, state in enumerate(self.optimizer.state_dict()):
+                if "param_groups" in state:  # a torch optimiser: tensors per parameter, groups as JSON
+                    for index, values in state["state"].items():
+                        for name, value in values.items():
+                            tensors[f"{k}.state.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+                    groups.append({"kind": "torch", "param_groups": state["param_groups"]})
+                else:
+                    for name, value in state.items():
+                        tensors[f"{k}.{name}"] = value.detach().cpu().contiguous()
+                    groups.append({"kind": "rowwise"})
+            save_file(tensors, tmp / OPTIMIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps({
+                "step": self.step, "total": self.total, "elapsed": self.elapsed, "optimizers": groups,
+                "extra": self.extra}, indent=1))
+            replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.on_checkpoint:
+            self.on_checkpoint(self.step)
+
+    def load_optimizer(self, folder: Path) -> None:
+        """Restore step, time and optimiser state from a checkpoint (adapters are loaded by the caller)."""
+        state = json.loads((folder / STATE_FILE).read_text())
+        tensors = load_file(folder / OPTIMIZER_FILE)
+        states = []
+        for k, meta in enumerate(state["optimizers"]):
+            if meta["kind"] == "torch":
+                per_param: dict[int, dict] = {}
+                prefix = f"{k}.state."
+                for key, value in tensors.items():
+                    if key.startswith(prefix):
+                        index, name = key[len(prefix):].split(".", 1)
+                        per_param.setdefault(int(index), {})[name] = value
+                groups = meta["param_groups"]
+                for group in groups:
+                    if "betas" in group:
+                        group["betas"] = tuple(group["betas"])
+                states.append({"state": per_param, "param_groups": groups})
+            else:
+                states.append({name: tensors[f"{k}.{name}"] for name in ("rows", "exp_avg", "exp_avg_sq", "steps")})
+        self.optimizer.load_state_dict(states)
+        self.step, self.elapsed, self.extra = state["step"], state["elapsed"], state.get("extra", {})
+
+    @staticmethod
+    def checkpoint_state(folder: Path) -> dict | None:
+        try:
+            return json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def time_left(self) -> float | None:
+        if self.options.max_minutes is None:
+            return None
+        return self.options.max_minutes * 60 - self.elapsed
+
+    def run(self) -> str:
+        """Train until the budget is spent or a stop is requested: 'finished', 'budget' or 'stopped'."""
+        self.adapted.train(True)
+        pad = pad_id(self.tokenizer)
+        last_checkpoint = time.monotonic()
+        outcome = "finished"
+        while self.step < self.total:
+            if self.should_stop and self.should_stop():
+                outcome = "stopped"
+                break
+            left = self.time_left()
+            if left is not None and left <= 0:
+                outcome = "budget"
+                break
+            started = time.perf_counter()
+            batch = [self.examples[i] for i in batch_indices(len(self.examples), self.options.batch_size, self.step,
+                                                             self.options.seed)]
+            inputs = pad_batch(batch, pad, self.device)
+            self.optimizer.zero_grad()
+            loss = self.adapted.model(**inputs).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {float(loss)} at step {self.step + 1}: lower the learning rate")
+            loss.backward()
+            self.optimizer.step()
+            seconds = time.perf_counter() - started
+            self.step += 1
+            self.elapsed += seconds
+            tokens = int(inputs["attention_mask"].sum())
+            per_step = self.elapsed / max(self.step, 1)
+            eta = (self.total - self.step) * per_step
+            left = self.time_left()
+            if left is not None:
+                eta = min(eta, max(left, 0.0))
+            if self.on_step:
+                self.on_step(StepReport(self.step, self.total, float(loss.detach()), self.options.lr, tokens / max(seconds, 1e-9),
+                                        self.elapsed, eta, self.optimizer.rows_touched))
+            if self.checkpoint_dir is not None and time.monotonic() - last_checkpoint >= self.options.checkpoint_seconds:
+                self.save_checkpoint()
+                last_checkpoint = time.monotonic()
+        self.adapted.train(False)
+        return outcome
