@@ -121,6 +121,7 @@ class Service:
                 return cached[1]
             device = resolve_device(self.settings.device)
             loaded = load_base_model(model_spec(info["base_model"]), self.settings.models_dir, device)
+            adapted = None
             if memory:
                 version = store.version(pack)
                 config = store.config(store.row(pack))
@@ -128,6 +129,7 @@ class Service:
                 adapted.model.eval()
                 loaded = dataclasses.replace(loaded, model=adapted.model)
             runtime = Runtime(loaded)
+            runtime.adapted = adapted  # the pack's adapters (memory, LoRA) on this runtime's model
             self._pack_runtimes[pack] = (key, runtime)
             return runtime
 

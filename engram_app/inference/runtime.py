@@ -59,6 +59,7 @@ class Runtime:
         self.device = loaded.device.device
         self._lock = threading.Lock()
         self.stop_ids = self._stop_ids()
+        self.adapted = None  # set when the model wears a memory pack (engram_app.training.adapters.Adapted)
 
     def _stop_ids(self) -> set[int]:
         ids: set[int] = set()

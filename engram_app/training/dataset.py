@@ -26,6 +26,9 @@ from engram_app.training.text import (
 )
 
 
+MIN_REPLAY = 256
+
+
 @dataclass
 class Plan:
     new: list[int]  # source ids learned by this job
@@ -114,6 +117,8 @@ def build(db: sqlite_utils.Database, tokenizer, plan: Plan, max_length: int, rep
         old += ex
         old_probes += pr
     rng = random.Random(seed)
-    count = min(len(old), math.ceil(replay_ratio * len(new)))
+    # Replay ``replay_ratio`` x the new examples, and never fewer than MIN_REPLAY: a small library
+    # is replayed whole (cheap), a large one by sample.
+    count = min(len(old), max(math.ceil(replay_ratio * len(new)), MIN_REPLAY)) if replay_ratio > 0 else 0
     replay = rng.sample(old, count) if count < len(old) else old
     return new, replay, new_probes, old_probes

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import sqlite_utils
+import torch
 
 from engram_app.errors import EngramError
 from engram_app.models import load_base_model
@@ -91,6 +92,7 @@ class JobRunner:
         elif parent_dir is not None:
             adapted = adapters.load(loaded.model, tokenizer, parent_dir, config, trainable=True)
         else:
+            torch.manual_seed(options.seed)  # fresh tables and LoRA weights: reproducible from the job's seed
             adapted = adapters.attach(loaded.model, tokenizer, config)
 
         trainer = Trainer(adapted, tokenizer, examples, options, on_step=self._on_step, should_stop=self.should_stop,

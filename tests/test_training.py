@@ -1,0 +1,397 @@
+"""Memory training: phrasing, planning, jobs, the worker process (kill, resume, cancel, queue),
+incremental packs, evaluation, the slot index and the CLI, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT
+from engram_app.cli import cli
+from engram_app.errors import EngramError
+from engram_app.service import Service
+from engram_app.settings import Settings
+from engram_app.training import JobQueue, TrainOptions
+from engram_app.training.dataset import plan
+from engram_app.training.job import JobRunner
+from engram_app.training.slots import SlotIndex
+from engram_app.training.text import (
+    IGNORE,
+    Probe,
+    chat_example,
+    fact_phrasings,
+    fact_questions,
+    second_person,
+    turns_as_messages,
+)
+from engram_app.training.worker import worker_alive, worker_info
+from tiny import tiny_tokenizer
+
+PROFILE_A = "# About me\n- My dog is called Pixel.\n- I live in Porto.\n"
+PROFILE_B = "# More about me\n- My favorite color is green.\n- I work as a nurse.\n"
+DOC_B = ("Garden notes\n\nThe tomatoes need water every morning. The basil grows best in the sun, and the mint "
+         "spreads everywhere if nobody cuts it back. In autumn the leaves go into the compost heap behind the shed.\n")
+PROBES_A = [Probe("What is my dog called?", "Pixel"), Probe("Where do I live?", "Porto")]
+QUICK = dict(max_steps=120, lr=3e-3)
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def service(tmp_path, tiny_model_dir):
+    svc = Service(Settings(home=tmp_path / "home", model=str(tiny_model_dir), device="cpu"))
+    yield svc
+    stop_worker(svc.settings.home)
+
+
+def stop_worker(home: Path) -> None:
+    info = worker_info(home)
+    if info["alive"] and info["pid"]:
+        try:
+            os.kill(info["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 10
+    while worker_alive(home) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def add_profile(service: Service, tmp_path: Path, name: str, text: str) -> int:
+    path = tmp_path / name
+    path.write_text(text)
+    [result] = service.ingest([path])
+    assert result.status == "added", result.reason
+    return result.source
+
+
+def run_inline(service: Service, pack: str, **options) -> dict:
+    """Queue a job and run it in this process (the worker runs the same JobRunner)."""
+    job = service.train(pack, TrainOptions(**options), start_worker=False)
+    queue = JobQueue(service.db())
+    row = queue.claim("test")
+    assert row["id"] == job["id"]
+    result = JobRunner(service.settings, service.db(), row).run()
+    queue.finish(row["id"], "done", result)
+    return result
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_process(home: Path, log: Path) -> subprocess.Popen:
+    out = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "engram_app", "worker", "--home", str(home), "--device", "cpu",
+                             "--idle-exit", "120"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+# --- training text ------------------------------------------------------------------------------
+
+def test_first_person_facts_become_second_person_questions_and_answers():
+    assert second_person("I have a turtle named Timothy.") == "You have a turtle named Timothy."
+    assert second_person("My mother was proud of me.") == "Your mother was proud of you."
+    assert fact_questions("My dog is called Pixel and she loves the beach.") == [
+        ("What is my dog called?", "Your dog is called Pixel and she loves the beach.", "Pixel")]
+    assert fact_questions("I have a turtle named Timothy.")[0][::2] == ("What is my turtle called?", "Timothy")
+    assert fact_questions("I live in Porto.")[0][2] == "Porto"
+    assert fact_questions("I enjoy reading about my hometown.")[0][2] == "reading about your hometown"
+    assert fact_questions("Cats are nice.") == []  # no pattern: only the generic phrasings
+    phrasings = fact_phrasings("My dog is called Pixel.")
+    assert phrasings[0] == [{"role": "text", "content": "My dog is called Pixel."}]
+    assert [{"role": "user", "content": "What is my dog called?"},
+            {"role": "assistant", "content": "Your dog is called Pixel."}] in phrasings
+    assert len(fact_phrasings("Cats are nice.")) == 4
+
+
+def test_chat_loss_covers_the_turns_and_not_the_template_preamble():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("<|system|>You are helpful.\n{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+                               "{% endfor %}")
+    messages = turns_as_messages([("User 1", "I grew up by the sea."), ("User 2", "Lovely."), ("User 1", "Yes, in Porto.")])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    example = chat_example(tokenizer, messages, 1, "chat", 256)
+    learned = tokenizer.decode([t for t in example.labels if t != IGNORE])
+    assert "You are helpful" not in learned
+    for m in messages:
+        assert m["content"].replace(" ", "") in learned.replace(" ", "")
+    only_replies = chat_example(tokenizer, messages, 1, "chat", 256, loss_roles=("assistant",))
+    text = tokenizer.decode([t for t in only_replies.labels if t != IGNORE]).replace(" ", "")
+    assert "Lovely" in text and "Porto" not in text
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+def test_plan_learns_new_sources_replays_old_ones_and_never_reads_deleted_ones(service, tmp_path):
+    a = add_profile(service, tmp_path, "a.md", PROFILE_A)
+    b = add_profile(service, tmp_path, "b.md", PROFILE_B)
+    db = service.db()
+    assert plan(db, [], [a], full=False).to_json() == {"new": [b], "replay": [a], "learned": [a, b]}
+    assert plan(db, [], [a], full=True).to_json() == {"new": [a, b], "replay": [], "learned": [a, b]}
+    service.delete_source(a)
+    assert plan(db, [], [a], full=False).to_json() == {"new": [b], "replay": [], "learned": [a, b]}
+    assert plan(db, [], [a], full=True).new == [b]
+    assert plan(db, ["nope"], [], full=False).new == []
+
+
+# --- a job from start to version ------------------------------------------------------------------
+
+def test_a_job_writes_a_loadable_version_with_its_evaluation_and_slot_index(service, tmp_path):
+    source = add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("me", size="small")
+    result = run_inline(service, "me", **QUICK)
+    assert result["outcome"] == "done" and result["version"] == 1
+    pack = service.pack("me")
+    assert pack["active_version"] == 1 and pack["learned_sources"] == 1
+    evaluation = pack["versions"][0]["evaluation"]
+    assert evaluation["memorisation"]["after"] < evaluation["memorisation"]["before"]
+    assert evaluation["retention"]["base"] is not None and evaluation["retention"]["cost"] is not None
+    assert evaluation["recall"]["probes"] == 2
+    assert evaluation["recall"]["memory_on"]["recall"] > evaluation["recall"]["memory_off"]["recall"]
+
+    # The job recorded its metrics at every step.
+    job = service.jobs()[0]
+    metrics = service.job(job["id"], metrics=True)["metrics"]
+    assert [s for s, _ in metrics["loss"]] == list(range(1, 121))
+    assert {"loss", "lr", "tokens_per_second", "elapsed", "eta", "rows_touched"} <= set(metrics)
+    assert metrics["rows_touched"][-1][1] > 0
+
+    # The version loads onto a fresh base model and answers from memory.
+    report = service.evaluate("me", PROBES_A)
+    assert report["summary"]["memory_on"]["recall"] == 1.0 and report["summary"]["memory_off"]["recall"] == 0.0
+
+    # The slot index names the source and the n-gram that wrote a row the answer reads.
+    folder = Path(pack["versions"][0]["path"])
+    index = SlotIndex.open(folder / "slots")
+    loaded = service.chat_runtime("me")
+    memory = loaded.adapted.memory
+    tokenizer = loaded.tokenizer
+    ids = tokenizer("called Pixel", add_special_tokens=False)["input_ids"]
+    from engram_app.engram import trace_tokens
+
+    last = trace_tokens(memory, tokenizer, ids)[-1]
+    hit = next(s for s in last.memory[0].slots if s.order == 2)
+    writers = index.writers(hit.row)
+    assert writers and writers[0].source_id == source
+    assert any(w.ngram_ids == ids[-2:] for w in writers)  # the bigram ending at the last token
+
+
+def test_incremental_training_keeps_what_the_first_job_taught(service, tmp_path):
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", **QUICK)
+    first = service.evaluate("me", PROBES_A)["summary"]["memory_on"]["recall"]
+    assert first == 1.0
+    b = add_profile(service, tmp_path, "garden.md", DOC_B)
+    result = run_inline(service, "me", **QUICK)
+    assert result["version"] == 2
+    job = service.jobs()[0]
+    assert job["plan"]["new"] == [b] and job["plan"]["replay"]  # only the notes are new; the profile is replayed
+    second = service.evaluate("me", PROBES_A)["summary"]["memory_on"]["recall"]
+    assert second >= 0.9 * first
+    with pytest.raises(EngramError, match="Nothing new to learn"):
+        service.train("me", TrainOptions(**QUICK), start_worker=False)
+
+    # Replay is what keeps them: the same second job without it forgets the profile.
+    service.rollback("me", 1)
+    run_inline(service, "me", **QUICK, replay=0.0)
+    assert service.evaluate("me", PROBES_A)["summary"]["memory_on"]["recall"] < 0.9 * first
+
+
+def test_a_pack_that_learned_a_deleted_source_says_so_until_a_full_retrain(service, tmp_path):
+    a = add_profile(service, tmp_path, "a.md", PROFILE_A)
+    add_profile(service, tmp_path, "b.md", PROFILE_B)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", max_steps=10)
+    service.delete_source(a)
+    assert service.pack("me")["deleted_sources_learned"] == [a]
+    run_inline(service, "me", max_steps=10, full=True)
+    pack = service.pack("me")
+    assert pack["deleted_sources_learned"] == [] and pack["active_version"] == 2
+    index = SlotIndex.open(Path(pack["versions"][1]["path"]) / "slots")
+    assert a not in set(np.asarray(index.gram_sources)[:, 1].tolist())  # the retrain's index forgot it too
+
+
+def test_rollback_points_the_pack_at_an_earlier_version(service, tmp_path):
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", max_steps=5)
+    add_profile(service, tmp_path, "b.md", PROFILE_B)
+    run_inline(service, "me", max_steps=5)
+    assert service.pack("me")["active_version"] == 2
+    runner = CliRunner()
+    common = ["--home", str(service.settings.home), "--model", service.settings.model]
+    out = runner.invoke(cli, ["rollback", *common, "me", "1"])
+    assert out.exit_code == 0, out.output
+    assert service.pack("me")["active_version"] == 1
+    assert [v["number"] for v in service.pack("me")["versions"]] == [1, 2]  # nothing deleted
+    out = runner.invoke(cli, ["rollback", *common, "me", "7"])
+    assert out.exit_code != 0 and "has no version 7" in out.output
+    # The next job learns what version 1 had not learned (B) again.
+    assert service.plan_training("me", TrainOptions())["parent"] == 1
+
+
+def test_pack_creation_rejects_bad_names_sizes_collections_and_duplicates(service):
+    for name in ("", "../x", ".hidden", "a b", "x" * 65):
+        with pytest.raises(EngramError, match="Invalid pack name"):
+            service.create_pack(name)
+    with pytest.raises(EngramError, match="Unknown size"):
+        service.create_pack("ok", size="gigantic")
+    with pytest.raises(EngramError, match="No collection named 'work'"):
+        service.create_pack("ok", collections=["work"])
+    service.create_pack("ok", size="small")
+    with pytest.raises(EngramError, match="exists already"):
+        service.create_pack("ok")
+    with pytest.raises(EngramError, match="No memory pack named 'nope'"):
+        service.pack("nope")
+
+
+def test_lora_only_and_engram_plus_lora_packs_train_and_load(service, tmp_path):
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    for mode in ("lora", "engram+lora"):
+        service.create_pack(mode.replace("+", "-"), size="small", mode=mode)
+        result = run_inline(service, mode.replace("+", "-"), max_steps=20)
+        assert result["version"] == 1
+        folder = Path(service.pack(mode.replace("+", "-"))["versions"][0]["path"])
+        assert (folder / "lora").is_dir()
+        assert (folder / "slots").is_dir() == (mode == "engram+lora")
+        reply = service.chat("Where do I live?", pack=mode.replace("+", "-")).reply
+        assert isinstance(reply, str)
+
+
+# --- the worker process ---------------------------------------------------------------------------
+
+def test_train_wait_runs_a_job_to_the_end_with_a_worker_it_starts(service, tmp_path):
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    runner = CliRunner()
+    common = ["--home", str(service.settings.home), "--model", service.settings.model, "--device", "cpu"]
+    assert runner.invoke(cli, ["pack", "create", *common, "me", "--size", "small"]).exit_code == 0
+    assert not worker_alive(service.settings.home)
+    out = runner.invoke(cli, ["train", *common, "--pack", "me", "--max-steps", "30", "--wait", "--json"])
+    assert out.exit_code == 0, out.output
+    job = json.loads(out.stdout)
+    assert job["status"] == "done" and job["result"]["version"] == 1 and job["step"] == 30
+    assert job["result"]["evaluation"]["recall"]["probes"] == 2
+    listed = json.loads(runner.invoke(cli, ["jobs", *common, "--json"]).stdout)
+    assert [j["id"] for j in listed] == [job["id"]]
+    packs = json.loads(runner.invoke(cli, ["packs", *common, "--json"]).stdout)
+    assert packs[0]["active_version"] == 1
+    assert worker_alive(service.settings.home)  # the worker it started waits for more work
+
+
+def test_a_killed_worker_leaves_the_pack_loadable_and_the_job_resumes(service, tmp_path):
+    home = service.settings.home
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", max_steps=20)
+    add_profile(service, tmp_path, "b.md", PROFILE_B)
+    job = service.train("me", TrainOptions(max_steps=500, checkpoint_seconds=0.5), start_worker=False)
+    log = tmp_path / "worker.log"
+    proc = worker_process(home, log)
+    checkpoint = home / "packs" / "me" / "jobs" / str(job["id"]) / "checkpoint" / "state.json"
+
+    def checkpointed_step():
+        try:
+            return json.loads(checkpoint.read_text())["step"] >= 40
+        except (OSError, ValueError):
+            return False
+
+    wait_for(checkpointed_step, 180, f"a checkpoint past step 40\n{log.read_text()[-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    view = service.job(job["id"])
+    assert view["status"] == "interrupted" and view["step"] < 500
+    killed_at = json.loads(checkpoint.read_text())["step"]
+    # The pack still loads, at its previous version.
+    assert service.pack("me")["active_version"] == 1
+    assert service.evaluate("me", PROBES_A[:1])["probes"][0]["memory_on"]["reply"] is not None
+
+    proc = worker_process(home, log)
+    try:
+        final = wait_for(lambda: service.job(job["id"])["status"] in ("done", "failed") and service.job(job["id"]), 300,
+                         f"the job to finish\n{log.read_text()[-3000:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert final["status"] == "done", final
+    assert final["result"]["version"] == 2 and final["step"] == 500
+    messages = [line["message"] for line in service.job(job["id"], log_tail=1000)["log"]]
+    assert any(m.startswith(f"resuming from the checkpoint at step {killed_at}") for m in messages), messages
+    steps = [s for s, _ in service.job(job["id"], metrics=True)["metrics"]["loss"]]
+    assert steps == list(range(1, 501))  # steps repeated after the kill are recorded once
+    assert not (home / "packs" / "me" / "jobs" / str(job["id"])).exists()  # the checkpoint is cleaned up
+
+
+def test_cancel_queue_and_chat_while_another_pack_trains(service, tmp_path):
+    home = service.settings.home
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("chatty", size="small")
+    run_inline(service, "chatty", **QUICK)
+    before = service.chat("What is my dog called?", pack="chatty").reply
+
+    service.create_pack("busy", size="small")
+    service.create_pack("next", size="small")
+    long_job = service.train("busy", TrainOptions(max_steps=100_000))
+    queued = service.train("next", TrainOptions(max_steps=10))
+    doomed = service.train("next", TrainOptions(max_steps=10))
+    wait_for(lambda: service.job(long_job["id"])["step"] >= 5, 120, "the long job to start")
+    assert service.job(queued["id"])["status"] == "queued"  # one job at a time, in order
+
+    # Chat with another pack while the worker trains: same answer as before, no interference.
+    for _ in range(3):
+        assert service.chat("What is my dog called?", pack="chatty").reply == before
+
+    assert service.cancel(doomed["id"])["status"] == "cancelled"  # a queued job is cancelled at once
+    service.cancel(long_job["id"])
+    final = service.wait(long_job["id"], poll=0.2)
+    assert final["status"] == "cancelled" and 5 <= final["step"] < 100_000
+    assert final["result"]["version"] == 1  # it kept what it had learned
+    assert service.pack("busy")["versions"][0]["evaluation"]["outcome"] == "stopped"
+    second = service.wait(queued["id"], poll=0.2)
+    assert second["status"] == "done" and second["started"] >= final["finished"]
+    assert service.job(doomed["id"])["started"] is None and service.pack("next")["active_version"] == 1
+    with pytest.raises(EngramError, match="done already"):
+        service.cancel(queued["id"])
+
+
+# --- eval -------------------------------------------------------------------------------------------
+
+def test_eval_cli_reports_the_documented_json_shape(service, tmp_path):
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", **QUICK)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps(p.to_json()) for p in PROBES_A) + "\n")
+    common = ["--home", str(service.settings.home), "--model", service.settings.model]
+    out = CliRunner().invoke(cli, ["eval", *common, "--pack", "me", "--probes", str(probes), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert set(report) == {"probes", "summary"}
+    for probe, expected in zip(report["probes"], PROBES_A):
+        assert (probe["prompt"], probe["answer"]) == (expected.prompt, expected.answer)
+        for side in ("memory_on", "memory_off"):
+            assert set(probe[side]) == {"reply", "contains_answer", "logprob"}
+            assert probe[side]["contains_answer"] == (expected.answer.lower() in probe[side]["reply"].lower())
+            assert probe[side]["logprob"] < 0
+    assert report["summary"]["memory_on"] == {"recall": 1.0, "mean_logprob": pytest.approx(
+        sum(p["memory_on"]["logprob"] for p in report["probes"]) / 2, abs=1e-3)}
+    assert set(report["summary"]["memory_off"]) == {"recall", "mean_logprob"}
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "answer": "y"}\n{"prompt": "no answer"}\n')
+    out = CliRunner().invoke(cli, ["eval", *common, "--pack", "me", "--probes", str(bad)])
+    assert out.exit_code != 0 and "line 2" in out.output and "Traceback" not in out.output
