@@ -73,8 +73,11 @@ def cli() -> None:
 @click.option("--seed", type=int, default=None, help="Seed for sampling (temperature > 0).")
 @click.option("--pack", default=None, help="Answer with this memory pack's active version.")
 @click.option("--no-memory", is_flag=True, help="With --pack: answer with the pack's base model, memory off.")
+@click.option("--retrieval", type=int, default=0, show_default=True,
+              help="Put the K library passages closest to the message into the prompt.")
+@click.option("--conversation", type=int, default=None, help="Continue this conversation (its earlier turns).")
 def chat(settings: Settings, message: str, as_json: bool, max_tokens: int, temperature: float, top_p: float,
-         seed: int | None, pack: str | None, no_memory: bool) -> None:
+         seed: int | None, pack: str | None, no_memory: bool, retrieval: int, conversation: int | None) -> None:
     """Answer MESSAGE with the model (streamed to the terminal unless --json)."""
     from engram_app.inference import GenerationOptions
     from engram_app.service import Service
@@ -82,13 +85,67 @@ def chat(settings: Settings, message: str, as_json: bool, max_tokens: int, tempe
     service = Service(settings)
     options = GenerationOptions(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
-        result = service.chat(message, options=options, pack=pack, memory=not no_memory)
+        result = service.chat(message, options=options, pack=pack, memory=not no_memory, retrieval=retrieval,
+                              conversation=conversation)
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    if retrieval or conversation is not None:
+        result = service.chat(message, options=options, pack=pack, memory=not no_memory, retrieval=retrieval,
+                              conversation=conversation)
+        click.echo(result.reply)
+        click.echo(f"(conversation {result.conversation_id})", err=True)
         return
     for token in service.stream_chat([], message, options, pack=pack, memory=not no_memory):
         click.echo(token.delta, nl=False)
         sys.stdout.flush()
     click.echo()
+
+
+@cli.command()
+@settings_options
+@click.argument("text", required=False)
+@click.option("--pack", "pack_name", required=True, help="The pack whose memory to look into (its active version).")
+@click.option("--ids", "ids_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A JSON file of token ids: a list, or an object with \"ids\" (what `chat --json` prints).")
+@click.option("--effect", is_flag=True, help="Add each token's memory effect (log-probability on minus off).")
+@click.option("--sources", is_flag=True, help="Add, for each slot, the sources and n-grams that wrote it.")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(settings: Settings, text: str | None, pack_name: str, ids_file: Path | None, effect: bool, sources: bool,
+            as_json: bool) -> None:
+    """Which memory slots every token of TEXT (or --ids) reads, how strongly, and who wrote them."""
+    from engram_app.service import Service
+
+    if (text is None) == (ids_file is None):
+        raise click.UsageError("Give either TEXT or --ids FILE.")
+    ids = None
+    if ids_file is not None:
+        try:
+            data = json.loads(ids_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"Cannot read token ids from {ids_file}: {exc}") from None
+        ids = data.get("ids") if isinstance(data, dict) else data
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise click.ClickException(f"{ids_file} must hold a list of token ids (or an object with \"ids\").")
+    service = Service(settings)
+    traces = service.inspect(pack_name, text=text, ids=ids)
+    tokens = [t.to_json() for t in traces]
+    if effect:
+        for item in service.memory_effect(pack_name, [t.id for t in traces], start=1):
+            tokens[item["position"]]["effect"] = item
+    if sources:
+        rows = {s["row"] for t in tokens for m in t["memory"] for s in m["slots"]}
+        who = service.provenance(pack_name, sorted(rows))
+        for t in tokens:
+            for m in t["memory"]:
+                for slot in m["slots"]:
+                    slot["sources"] = who.get(slot["row"], [])
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens}, ensure_ascii=False))
+        return
+    for t in tokens:
+        gates = " ".join(f"L{m['layer']} gate {m['gate']:.2f} |Y|/|h| {m['ratio']:.2f}" for m in t["memory"])
+        extra = f"  effect {t['effect']['effect']:+.2f}" if "effect" in t else ""
+        click.echo(f"{t['text']!r:>16}  {gates}{extra}")
 
 
 @cli.command()

@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import threading
 import time
+
+import torch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +37,23 @@ class ChatResult:
     reply: str
     tokens: list[GeneratedToken]
     prompt_ids: list[int]
+    traces: list | None = None  # TokenTrace per generated token, when the model wears a memory
+    conversation_id: int | None = None
+    message_id: int | None = None
+    retrieved: tuple = ()  # the library chunks put into the prompt (retrieval mode)
+
+    @property
+    def ids(self) -> list[int]:
+        """The whole sequence the model ran: the templated prompt, then the reply."""
+        return [*self.prompt_ids, *(t.id for t in self.tokens)]
 
     def to_json(self) -> dict:
-        return {"reply": self.reply, "tokens": [{"text": t.text, "id": t.id} for t in self.tokens]}
+        tokens = []
+        for i, t in enumerate(self.tokens):
+            memory = [m.to_json() for m in self.traces[i].memory] if self.traces else []
+            tokens.append({"text": t.text, "id": t.id, "memory": memory})
+        return {"reply": self.reply, "tokens": tokens, "ids": self.ids, "conversation": self.conversation_id,
+                "message": self.message_id, "retrieved": list(self.retrieved)}
 
 
 class Service:
@@ -47,6 +63,7 @@ class Service:
         self._library: Library | None = None
         self._db: sqlite_utils.Database | None = None
         self._pack_runtimes: dict[str, tuple[int, Runtime]] = {}  # pack -> (version, runtime)
+        self._slot_indexes: dict = {}
         self._load_lock = threading.Lock()
 
     # --- model --------------------------------------------------------------------------
@@ -86,14 +103,68 @@ class Service:
         return self.chat_runtime(pack, memory).stream_chat([*history, Message("user", message)], options)
 
     def chat(self, message: str, history: Sequence[Message] = (), options: GenerationOptions | None = None,
-             pack: str | None = None, memory: bool = True) -> ChatResult:
-        """Answer ``message``; with ``pack``, the model wears that pack's active version (unless not ``memory``)."""
+             pack: str | None = None, memory: bool = True, retrieval: int = 0, conversation: int | None = None,
+             save: bool = True) -> ChatResult:
+        """Answer ``message``; with ``pack``, the model wears that pack's active version (unless not ``memory``).
+
+        ``retrieval``: put the top-k library chunks for the message into the prompt. With a
+        memory, every generated token's trace is recorded while generating. With ``save`` the
+        turn is kept in the conversation (a new one unless ``conversation`` is given).
+        """
+        from engram_app.inference.tracing import Recorder
+
         runtime = self.chat_runtime(pack, memory)
-        messages = [*history, Message("user", message)]
+        retrieved = self.search(message, k=retrieval) if retrieval > 0 else []
+        if conversation is not None and not history:
+            history = self.conversation_messages(conversation)
+        messages = [*history, Message("user", with_context(message, retrieved))]
         prompt_ids = runtime.chat_ids(messages)
-        tokens = list(runtime.stream_ids(prompt_ids, options))
+        engram = runtime.adapted.memory if runtime.adapted is not None else None
+        recorder = Recorder(engram) if engram is not None else None
+        tokens = list(runtime.stream_ids(prompt_ids, options, recorder))
         reply = runtime.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
-        return ChatResult(reply=reply, tokens=tokens, prompt_ids=prompt_ids)
+        ids = [*prompt_ids, *(t.id for t in tokens)]
+        arrays = recorder.arrays(ids) if recorder is not None else None
+        traces = arrays.tokens(engram, runtime.tokenizer, len(prompt_ids), len(ids)) if arrays is not None else None
+        conversation_id = message_id = None
+        if save:
+            conversation_id, message_id = self._save_turn(conversation, pack if memory else None, message, reply,
+                                                          arrays, runtime)
+        return ChatResult(reply=reply, tokens=tokens, prompt_ids=prompt_ids, traces=traces,
+                          conversation_id=conversation_id, message_id=message_id,
+                          retrieved=tuple({"source": h["source"], "title": h["title"], "score": h["score"],
+                                           "text": h["text"]} for h in retrieved))
+
+    def _save_turn(self, conversation: int | None, pack: str | None, message: str, reply: str, arrays, runtime):
+        from engram_app.training.packs import now
+
+        db = self.db()
+        pack_row = self.packs_store().row(pack) if pack else None
+        pack_id = pack_row["id"] if pack_row else None
+        version = getattr(runtime, "pack_version", None)
+        with db.atomic():
+            if conversation is None:
+                conversation = db["conversations"].insert({"title": message[:80], "pack_id": pack_id,
+                                                           "created": now()}).last_pk
+            elif not db["conversations"].count_where("id = ?", [conversation]):
+                raise EngramError(f"No conversation {conversation}.")
+            db["messages"].insert({"conversation_id": conversation, "role": "user", "content": message,
+                                   "pack_id": pack_id, "pack_version": version, "trace": None, "created": now()})
+            message_id = db["messages"].insert({
+                "conversation_id": conversation, "role": "assistant", "content": reply, "pack_id": pack_id,
+                "pack_version": version, "trace": arrays.to_bytes() if arrays is not None else None,
+                "created": now()}).last_pk
+        return conversation, message_id
+
+    def conversation_messages(self, conversation: int) -> list[Message]:
+        rows = self.db().query("select role, content from messages where conversation_id = ? order by id", [conversation])
+        return [Message(r["role"], r["content"]) for r in rows]
+
+    def conversations(self, limit: int = 50) -> list[dict]:
+        return list(self.db().query(
+            "select c.id, c.title, c.created, p.name as pack, (select count(*) from messages m where "
+            "m.conversation_id = c.id) as messages from conversations c left join packs p on p.id = c.pack_id "
+            "order by c.id desc limit ?", [limit]))
 
     def chat_runtime(self, pack: str | None = None, memory: bool = True) -> Runtime:
         """The runtime for a chat: the base model, or a copy of it wearing ``pack``'s active version.
@@ -109,13 +180,10 @@ class Service:
 
         store = self.packs_store()
         info = store.get(pack)
-        if not memory or info["active_version"] is None:
-            if memory:
-                raise EngramError(f"Pack {pack!r} has no trained version yet: train it first (`train --pack {pack}`).")
-            if model_spec(info["base_model"]) == self.settings.model:
-                return self.runtime
+        if not memory and model_spec(info["base_model"]) == self.settings.model:
+            return self.runtime
         with self._load_lock:
-            cached = self._pack_runtimes.get(pack)
+            cached = self._pack_runtimes.get(pack if memory else f"{pack}\0off")
             key = info["active_version"] if memory else -1
             if cached is not None and cached[0] == key:
                 return cached[1]
@@ -123,14 +191,19 @@ class Service:
             loaded = load_base_model(model_spec(info["base_model"]), self.settings.models_dir, device)
             adapted = None
             if memory:
-                version = store.version(pack)
                 config = store.config(store.row(pack))
-                adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), config)
+                version = store.version(pack)
+                if version is None:  # not trained yet: fresh adapters, which leave the model unchanged
+                    torch.manual_seed(0)
+                    adapted = adapters.attach(loaded.model, loaded.tokenizer, config)
+                else:
+                    adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), config)
                 adapted.model.eval()
                 loaded = dataclasses.replace(loaded, model=adapted.model)
             runtime = Runtime(loaded)
             runtime.adapted = adapted  # the pack's adapters (memory, LoRA) on this runtime's model
-            self._pack_runtimes[pack] = (key, runtime)
+            runtime.pack_version = info["active_version"] if memory else None
+            self._pack_runtimes[pack if memory else f"{pack}\0off"] = (key, runtime)
             return runtime
 
     # --- library ------------------------------------------------------------------------
@@ -173,6 +246,75 @@ class Service:
 
     def delete_source(self, source_id: int) -> dict:
         return self.library().delete(source_id)
+
+    # --- looking inside the memory -------------------------------------------------------------
+
+    def _memory_runtime(self, pack: str):
+        runtime = self.chat_runtime(pack, True)
+        if runtime.adapted is None or runtime.adapted.memory is None:
+            raise EngramError(f"Pack {pack!r} has no Engram memory to inspect (it is a LoRA-only pack).")
+        return runtime
+
+    def inspect(self, pack: str, text: str | None = None, ids: Sequence[int] | None = None) -> list:
+        """Every token's memory report for ``text`` (tokenised as is) or ``ids``, in one forward pass."""
+        from engram_app.engram import trace_tokens
+
+        runtime = self._memory_runtime(pack)
+        if ids is None:
+            if not text:
+                raise EngramError("Nothing to inspect: give a text or token ids.")
+            ids = runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [int(i) for i in ids]
+        vocab = runtime.model.get_input_embeddings().weight.shape[0]
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise EngramError(f"Token ids must be between 0 and {vocab - 1} (the model's vocabulary).")
+        with runtime._lock:
+            return trace_tokens(runtime.adapted.memory, runtime.tokenizer, ids)
+
+    def memory_effect(self, pack: str, ids: Sequence[int], start: int = 1) -> list[dict]:
+        """For tokens ``start..``: log-probability with memory on, off, and the difference (one pass each)."""
+        runtime = self._memory_runtime(pack)
+        ids = [int(i) for i in ids]
+        device = runtime.device
+        tensor = torch.tensor([ids], device=device)
+        with runtime._lock, torch.inference_mode():
+            on = torch.log_softmax(runtime.model(input_ids=tensor).logits[0].float(), -1)
+            with runtime.adapted.off():
+                off = torch.log_softmax(runtime.model(input_ids=tensor).logits[0].float(), -1)
+        out = []
+        for p in range(max(start, 1), len(ids)):
+            a, b = float(on[p - 1, ids[p]]), float(off[p - 1, ids[p]])
+            out.append({"position": p, "logprob_on": round(a, 4), "logprob_off": round(b, 4), "effect": round(a - b, 4)})
+        return out
+
+    def provenance(self, pack: str, rows: Sequence[int], version: int | None = None, limit: int = 10) -> dict[int, list[dict]]:
+        """Who wrote each row: the sources and n-grams of the version's slot index (most frequent first)."""
+        from engram_app.training.slots import SlotIndex
+
+        store = self.packs_store()
+        info = store.version(pack, version)
+        if info is None:
+            return {int(r): [] for r in rows}
+        folder = Path(info["path"]) / "slots"
+        if not SlotIndex.exists(folder):
+            raise EngramError(f"Version {info['number']} of pack {pack!r} has no slot index.")
+        index = self._slot_indexes.get(str(folder)) or SlotIndex.open(folder)
+        self._slot_indexes[str(folder)] = index
+        tokenizer = self.chat_runtime(pack, True).tokenizer
+        titles: dict[int, dict] = {}
+        out: dict[int, list[dict]] = {}
+        for row in rows:
+            found = []
+            for w in index.writers(int(row), limit):
+                if w.source_id not in titles:
+                    hit = list(self.db().query("select title, status from sources where id = ?", [w.source_id]))
+                    titles[w.source_id] = hit[0] if hit else {"title": None, "status": "unknown"}
+                source = titles[w.source_id]
+                ngram = "|".join("<s>" if t < 0 else tokenizer.decode([t]) for t in w.ngram_ids)
+                found.append({"source": w.source_id, "title": source["title"], "status": source["status"],
+                              "ngram": ngram, "count": w.count})
+            out[int(row)] = found
+        return out
 
     # --- memory packs and training -----------------------------------------------------------
 
@@ -240,6 +382,11 @@ class Service:
 
         return start_worker(self.settings, idle_exit=idle_exit)
 
+    def resume_pending_jobs(self) -> bool:
+        """Start a worker when jobs are queued or were interrupted (the app does this at start-up)."""
+        pending = self.db().execute("select count(*) from jobs where status in ('queued', 'running')").fetchone()[0]
+        return bool(pending) and self.ensure_worker() is not None
+
     def worker(self) -> dict:
         from engram_app.training.worker import worker_info
 
@@ -299,6 +446,14 @@ class Service:
                                  resolve_device(self.settings.device))
         adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), store.config(store.row(pack)))
         return run_probes(adapted, loaded.tokenizer, probes, progress)
+
+
+def with_context(message: str, retrieved: Sequence[dict]) -> str:
+    """The user's message with retrieved library passages put before it (retrieval mode)."""
+    if not retrieved:
+        return message
+    passages = "\n\n".join(f"[{i + 1}] {hit['text']}" for i, hit in enumerate(retrieved))
+    return f"Here are passages from my own notes that may help:\n\n{passages}\n\nMy message: {message}"
 
 
 def _job_view(row: dict, worker_alive: bool) -> dict:

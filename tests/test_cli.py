@@ -18,9 +18,11 @@ def test_chat_json_has_reply_and_tokens(tiny_model_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"reply", "tokens"}
+    assert set(data) >= {"reply", "tokens", "ids"}
+    assert data["ids"][-len(data["tokens"]):] == [t["id"] for t in data["tokens"]]  # the prompt, then the reply
     assert 0 < len(data["tokens"]) <= 10
-    assert all(set(t) == {"text", "id"} and isinstance(t["id"], int) for t in data["tokens"])
+    assert all(set(t) >= {"text", "id"} and isinstance(t["id"], int) for t in data["tokens"])
+    assert all(t["memory"] == [] for t in data["tokens"])  # no memory pack: nothing fired
     assert all(isinstance(t["text"], str) for t in data["tokens"])
     assert isinstance(data["reply"], str)
 

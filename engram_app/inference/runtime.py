@@ -50,7 +50,7 @@ class Message:
 
 
 class Runtime:
-    """Wraps a :class:`LoadedModel` for chat. One generation at a time per runtime (a lock)."""
+    """Wraps a :class:`LoadedModel` for chat. One model call at a time per runtime (a lock)."""
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -99,8 +99,26 @@ class Runtime:
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    def stream_ids(self, prompt_ids: Sequence[int], options: GenerationOptions | None = None) -> Iterator[GeneratedToken]:
-        """Generate after ``prompt_ids``, yielding each token as soon as it is chosen."""
+    def _forward(self, recorder, first_position: int, **inputs):
+        """One model call under the lock; with a recorder, the memory's trace of it is kept."""
+        with self._lock, torch.inference_mode():
+            if recorder is None:
+                return self.model(**inputs)
+            with recorder.memory.tracing() as calls:
+                out = self.model(**inputs)
+            recorder.add(first_position, calls[-1])
+            return out
+
+    def stream_ids(self, prompt_ids: Sequence[int], options: GenerationOptions | None = None,
+                   recorder=None) -> Iterator[GeneratedToken]:
+        """Generate after ``prompt_ids``, yielding each token as soon as it is chosen.
+
+        The lock is held for each model call, not for the whole reply, so several generations
+        (each with its own KV cache, which also carries the memory's decoding state) can be
+        interleaved. With a :class:`~engram_app.inference.tracing.Recorder`, every call's memory
+        trace is kept; after the last token one more step traces it (its slots are read at its
+        own position).
+        """
         options = options or GenerationOptions()
         if not prompt_ids:
             raise EngramError("Nothing to generate from: the prompt is empty.")
@@ -108,31 +126,32 @@ class Runtime:
         if options.temperature > 0:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
-        with self._lock, torch.inference_mode():
-            input_ids = torch.tensor([list(prompt_ids)], device=self.device)
-            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-            generated: list[int] = []
-            emitted = ""
-            for step in range(options.max_new_tokens):
-                if step:
-                    out = self.model(
-                        input_ids=torch.tensor([[generated[-1]]], device=self.device),
-                        past_key_values=past,
-                        use_cache=True,
-                    )
-                    past = out.past_key_values
-                token = self._pick(out.logits[0, -1].cpu(), options, generator)
-                if token in self.stop_ids:
-                    break
-                generated.append(token)
-                # Decode the whole reply and emit the new suffix: this handles tokens that are
-                # only part of a UTF-8 character (held back until the character completes).
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                delta = ""
-                if not text.endswith("\ufffd"):
-                    delta, emitted = text[len(emitted):], text
-                yield GeneratedToken(token, self.tokenizer.decode([token]), delta)
+        input_ids = torch.tensor([list(prompt_ids)], device=self.device)
+        out = self._forward(recorder, 0, input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        generated: list[int] = []
+        emitted = ""
+        position = len(prompt_ids)
+        for step in range(options.max_new_tokens):
+            if step:
+                out = self._forward(recorder, position, input_ids=torch.tensor([[generated[-1]]], device=self.device),
+                                    past_key_values=past, use_cache=True)
+                position += 1
+                past = out.past_key_values
+            token = self._pick(out.logits[0, -1].float().cpu(), options, generator)
+            if token in self.stop_ids:
+                break
+            generated.append(token)
+            # Decode the whole reply and emit the new suffix: this handles tokens that are
+            # only part of a UTF-8 character (held back until the character completes).
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            delta = ""
+            if not text.endswith("\ufffd"):
+                delta, emitted = text[len(emitted):], text
+            yield GeneratedToken(token, self.tokenizer.decode([token]), delta)
+        if recorder is not None and generated and recorder.covered() < len(prompt_ids) + len(generated):
+            self._forward(recorder, position, input_ids=torch.tensor([[generated[-1]]], device=self.device),
+                          past_key_values=past, use_cache=True)
 
     def stream_chat(self, messages: Sequence[Message], options: GenerationOptions | None = None) -> Iterator[GeneratedToken]:
         return self.stream_ids(self.chat_ids(messages), options)

@@ -53,6 +53,8 @@ def launch(settings: Settings) -> None:
     log.info("Model ready in %.2f s.", runtime.loaded.load_seconds)
     print(f"Model {runtime.loaded.source.name} ready on {runtime.loaded.device.describe()}: "
           f"loaded in {runtime.loaded.load_seconds:.2f} s", flush=True)
+    if service.resume_pending_jobs():
+        print("Training jobs are waiting: started the worker to run them.", flush=True)
     if settings.host != DEFAULT_HOST:
         log.warning("Binding to %s: the app is reachable from other machines on that network.", settings.host)
     app = build_app(service)

@@ -1,0 +1,40 @@
+"""Memory training on the real bundled model (SmolLM2-135M-Instruct): a profile is recalled."""
+
+import pytest
+
+from engram_app.service import Service
+from engram_app.settings import Settings
+from engram_app.training import JobQueue, TrainOptions
+from engram_app.training.job import JobRunner
+from engram_app.training.text import Probe
+
+pytestmark = pytest.mark.slow
+
+PROFILE = "# About me\n- I have a turtle named Timothy.\n- My dog is called Pixel.\n- I live in Porto.\n"
+PROBES = [Probe("What is my turtle called?", "Timothy"), Probe("What is my dog called?", "Pixel"),
+          Probe("Where do I live?", "Porto")]
+
+
+def test_a_profile_trained_for_a_few_minutes_is_recalled_with_memory_on_only(bundled_home, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(bundled_home / "models")
+    service = Service(Settings(home=home, device="cpu"))
+    profile = tmp_path / "me.md"
+    profile.write_text(PROFILE)
+    service.ingest([profile])
+    service.create_pack("me")
+    job = service.train("me", TrainOptions(max_steps=40, max_minutes=6, evaluate=False), start_worker=False)
+    queue = JobQueue(service.db())
+    row = queue.claim("test")
+    result = JobRunner(service.settings, service.db(), row).run()
+    queue.finish(job["id"], "done", result)
+    assert result["version"] == 1
+
+    report = service.evaluate("me", PROBES)
+    for probe in report["probes"]:
+        print(probe["prompt"], "| on:", probe["memory_on"]["reply"][:60], "| off:", probe["memory_off"]["reply"][:60])
+    assert report["summary"]["memory_on"]["recall"] >= 2 / 3
+    assert report["summary"]["memory_off"]["recall"] == 0.0
+    # Memory on, the reply streams from the pack's active version.
+    assert "Porto" in service.chat("Where do I live?", pack="me").reply
