@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder or CSV of Synthetic-Persona-Chat")
     parser.add_argument("--personas", type=int, default=4)
     parser.add_argument("--minutes", type=float, default=2.0, help="training budget per method")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the Engram dense parts")
+    parser.add_argument("--engram-lrs", default="", help="extra Engram-only runs at these learning rates, e.g. 1e-3,1e-2")
     parser.add_argument("--methods", default="engram,lora,engram+lora,retrieval")
     parser.add_argument("--k", type=int, default=3, help="chunks put in the prompt by retrieval")
     parser.add_argument("--device", default="cpu")
@@ -88,25 +89,32 @@ def main() -> None:
         path.write_text("\n".join(f"- {f}" for f in facts) + "\n")
         service.ingest([path])
         probes += [p for f in facts for p in fact_probes(f)]
+    # All personas go into one pack, as if they were one person: a question two personas answer
+    # differently ("What do I like?") has no single right answer, so it is not a probe.
+    asked = [p.prompt for p in probes]
+    probes = [p for p in probes if asked.count(p.prompt) == 1]
     print(f"{len(people)} personas, {sum(map(len, people))} facts, {len(probes)} probes", flush=True)
 
     base = None
     rows = []
-    for method in args.methods.split(","):
+    runs = [(m, args.lr) for m in args.methods.split(",")]
+    runs += [("engram", float(lr)) for lr in args.engram_lrs.split(",") if lr]
+    for method, lr in runs:
         started = time.perf_counter()
         if method == "retrieval":
             summary = retrieval(service, probes, args.k)
             rows.append((method, summary["recall"], summary["mean_logprob"], None, None, None, 0,
                          time.perf_counter() - started))
             continue
-        service.create_pack(method.replace("+", "-"), size="medium", mode=method)
-        result = run_job(service, method.replace("+", "-"),
-                         TrainOptions(max_minutes=args.minutes, max_steps=100_000, lr=args.lr, max_probes=0))
+        name = f"{method.replace('+', '-')}-{lr:g}"
+        service.create_pack(name, size="medium", mode=method)
+        result = run_job(service, name, TrainOptions(max_minutes=args.minutes, max_steps=100_000, lr=lr, max_probes=0))
         ev = result["evaluation"]
-        report = service.evaluate(method.replace("+", "-"), probes)
+        report = service.evaluate(name, probes)
         base = base or report["summary"]["memory_off"]
         on = report["summary"]["memory_on"]
-        rows.append((method, on["recall"], on["mean_logprob"], ev["memorisation"]["before"], ev["memorisation"]["after"],
+        label = method if method == "lora" else f"{method} (lr {lr:g})"
+        rows.append((label, on["recall"], on["mean_logprob"], ev["memorisation"]["before"], ev["memorisation"]["after"],
                      ev["retention"]["cost"], ev["steps"], time.perf_counter() - started))
 
     if base is None:

@@ -289,6 +289,7 @@ class Service:
 
     def provenance(self, pack: str, rows: Sequence[int], version: int | None = None, limit: int = 10) -> dict[int, list[dict]]:
         """Who wrote each row: the sources and n-grams of the version's slot index (most frequent first)."""
+        from engram_app.engram.trace import START
         from engram_app.training.slots import SlotIndex
 
         store = self.packs_store()
@@ -310,7 +311,8 @@ class Service:
                     hit = list(self.db().query("select title, status from sources where id = ?", [w.source_id]))
                     titles[w.source_id] = hit[0] if hit else {"title": None, "status": "unknown"}
                 source = titles[w.source_id]
-                ngram = "|".join("<s>" if t < 0 else tokenizer.decode([t]) for t in w.ngram_ids)
+                ngram = "|".join(START if t < 0 else tokenizer.decode([t], clean_up_tokenization_spaces=False)
+                                 for t in w.ngram_ids)  # written as trace reports write n-grams
                 found.append({"source": w.source_id, "title": source["title"], "status": source["status"],
                               "ngram": ngram, "count": w.count})
             out[int(row)] = found

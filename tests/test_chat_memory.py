@@ -1,0 +1,151 @@
+"""Chat with a memory pack: traces while generating vs one forward pass, provenance, memory off,
+untrained packs, interleaved conversations, stored traces, retrieval, version pickup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from engram_app.cli import cli
+from engram_app.errors import EngramError
+from engram_app.inference import GenerationOptions
+from engram_app.inference.tracing import TraceArrays
+from engram_app.service import Service
+from engram_app.settings import Settings
+from test_training import DOC_B, PROFILE_A, QUICK, add_profile, run_inline, stop_worker
+
+SHORT = GenerationOptions(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """One pack trained once for the module (tests add packs and versions beside it, never change it)."""
+    tmp = tmp_path_factory.mktemp("chat")
+    service = Service(Settings(home=tmp / "home", model=str(tiny_model_dir), device="cpu"))
+    profile = add_profile(service, tmp, "a.md", PROFILE_A)
+    notes = add_profile(service, tmp, "garden.md", DOC_B)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", **QUICK)
+    yield service, profile, notes
+    stop_worker(service.settings.home)
+
+
+def slots_of(token: dict) -> list:
+    return [[(s["order"], s["head"], s["row"], s["ngram"]) for s in m["slots"]] for m in token["memory"]]
+
+
+def test_chat_traces_equal_inspect_on_the_same_ids(trained, tmp_path):
+    service, _, _ = trained
+    common = ["--home", str(service.settings.home), "--model", service.settings.model]
+    runner = CliRunner()
+    out = runner.invoke(cli, ["chat", *common, "--pack", "me", "--max-tokens", "12", "--json", "What is my dog called?"])
+    assert out.exit_code == 0, out.output
+    chat = json.loads(out.stdout)
+    assert chat["tokens"] and all(len(t["memory"]) == 1 and len(t["memory"][0]["slots"]) == 16 for t in chat["tokens"])
+    ids_file = tmp_path / "chat.json"
+    ids_file.write_text(out.stdout)
+    out = runner.invoke(cli, ["inspect", *common, "--pack", "me", "--ids", str(ids_file), "--json"])
+    assert out.exit_code == 0, out.output
+    inspected = json.loads(out.stdout)["tokens"]
+    assert [t["id"] for t in inspected] == chat["ids"]
+    reply_part = inspected[len(chat["ids"]) - len(chat["tokens"]):]
+    for generated, single in zip(chat["tokens"], reply_part):
+        assert generated["id"] == single["id"]
+        assert slots_of(generated) == slots_of(single)  # cached generation and one forward read the same slots
+        assert generated["memory"][0]["gate"] == pytest.approx(single["memory"][0]["gate"], abs=1e-4)
+    out = runner.invoke(cli, ["inspect", *common, "--pack", "me", "hello"])
+    assert out.exit_code == 0 and "gate" in out.output
+    assert runner.invoke(cli, ["inspect", *common, "--pack", "me"]).exit_code != 0  # neither TEXT nor --ids
+
+
+def test_a_phrase_only_one_source_contains_is_attributed_to_it(trained):
+    service, profile, notes = trained
+    traces = service.inspect("me", text="compost heap behind the shed")
+    last = traces[-1]  # "shed": its trigram "behind the shed" occurs only in the garden notes
+    trigrams = [s for s in last.memory[0].slots if s.order == 3]
+    who = service.provenance("me", [s.row for s in trigrams])
+    for slot in trigrams:
+        sources = {w["source"] for w in who[slot.row]}
+        assert notes in sources and profile not in sources
+        assert any(w["ngram"] == slot.ngram for w in who[slot.row] if w["source"] == notes)
+    common = ["--home", str(service.settings.home), "--model", service.settings.model]
+    out = CliRunner().invoke(cli, ["inspect", *common, "--pack", "me", "--sources", "--effect", "--json",
+                                   "behind the shed"])
+    assert out.exit_code == 0, out.output
+    tokens = json.loads(out.stdout)["tokens"]
+    assert "effect" not in tokens[0] and {"logprob_on", "logprob_off", "effect"} <= set(tokens[-1]["effect"])
+    slot = next(s for s in tokens[-1]["memory"][0]["slots"] if s["order"] == 3)
+    assert slot["sources"][0]["title"] == "Garden notes"
+
+
+def test_memory_off_and_an_untrained_pack_give_the_base_models_reply(trained):
+    service, _, _ = trained
+    base = service.chat("Tell me about my garden.", options=SHORT).reply
+    assert service.chat("Tell me about my garden.", options=SHORT, pack="me", memory=False).reply == base
+    service.create_pack("fresh", size="small")
+    fresh = service.chat("Tell me about my garden.", options=SHORT, pack="fresh")
+    assert fresh.reply == base
+    assert all(t.memory[0].ratio == 0 for t in fresh.traces)  # an untrained memory adds nothing
+
+
+def test_two_conversations_on_two_packs_interleaved_do_not_affect_each_other(trained):
+    service, _, _ = trained
+    service.create_pack("other", size="small")
+    alone_a = service.chat("What is my dog called?", options=SHORT, pack="me").reply
+    alone_b = service.chat("Where do I live?", options=SHORT, pack="other").reply
+    alone_a2 = service.chat("Where do I live?", options=SHORT, pack="me").reply
+    streams = [service.stream_chat([], "What is my dog called?", SHORT, pack="me"),
+               service.stream_chat([], "Where do I live?", SHORT, pack="other"),
+               service.stream_chat([], "Where do I live?", SHORT, pack="me")]  # same pack, second conversation
+    texts = ["", "", ""]
+    live = [True, True, True]
+    while any(live):
+        for i, stream in enumerate(streams):
+            if live[i]:
+                try:
+                    texts[i] += next(stream).delta
+                except StopIteration:
+                    live[i] = False
+    assert texts == [alone_a, alone_b, alone_a2]
+
+
+def test_the_turn_is_stored_with_a_compact_trace_and_the_version_used(trained):
+    service, _, _ = trained
+    result = service.chat("What is my dog called?", options=GenerationOptions(max_new_tokens=40), pack="me")
+    row = next(service.db().query("select * from messages where id = ?", [result.message_id]))
+    assert row["role"] == "assistant" and row["content"] == result.reply and row["pack_version"] == 1
+    arrays = TraceArrays.from_bytes(row["trace"])
+    assert arrays.ids.tolist() == result.ids
+    per_token = len(row["trace"]) / len(result.ids)
+    assert per_token < 100, f"{per_token:.0f} bytes per token"
+    runtime = service.chat_runtime("me")
+    stored = arrays.tokens(runtime.adapted.memory, runtime.tokenizer, len(result.prompt_ids))
+    assert [[(s.row, s.ngram) for s in t.memory[0].slots] for t in stored] == \
+        [[(s.row, s.ngram) for s in t.memory[0].slots] for t in result.traces]
+    # The next turn continues the conversation.
+    follow = service.chat("And where do I live?", options=SHORT, pack="me", conversation=result.conversation_id)
+    assert follow.conversation_id == result.conversation_id
+    assert [c["messages"] for c in service.conversations()] == [4]
+
+
+def test_retrieval_puts_library_passages_into_the_prompt(trained):
+    service, _, notes = trained
+    result = service.chat("What grows best in the sun?", options=SHORT, retrieval=1)
+    assert [r["source"] for r in result.retrieved] == [notes]
+    prompt = service.runtime.tokenizer.decode(result.prompt_ids)
+    assert "basil grows best in the sun" in prompt
+
+
+def test_chat_picks_up_a_new_version_without_a_restart(trained, tmp_path):
+    service, _, _ = trained
+    assert service.chat_runtime("me").pack_version == 1
+    add_profile(service, tmp_path, "b.md", "- My favorite color is green.\n")
+    run_inline(service, "me", max_steps=10)
+    assert service.chat_runtime("me").pack_version == 2
+    service.rollback("me", 1)
+    assert service.chat_runtime("me").pack_version == 1
+    service.create_pack("loraonly", size="small", mode="lora")
+    with pytest.raises(EngramError, match="no Engram memory"):
+        service.inspect("loraonly", text="hello")
