@@ -349,7 +349,7 @@ def pack_sizes(as_json: bool) -> None:
 @click.option("--pack", "pack_name", required=True, help="The pack to train.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (default: from --epochs).")
 @click.option("--max-minutes", type=float, default=None, help="Stop after this many minutes of training.")
-@click.option("--epochs", type=float, default=None, help="Passes over the examples (default 6).")
+@click.option("--epochs", type=float, default=None, help="Passes over the examples (default 8).")
 @click.option("--lr", type=float, default=None, help="Learning rate of the dense parts (tables train at 5x).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--full", is_flag=True, help="Retrain from scratch on every source (drops deleted sources' writes).")

@@ -26,8 +26,8 @@ class TrainOptions:
 
     max_steps: int | None = None  # None: ``epochs`` passes over the examples
     max_minutes: float | None = None  # a wall-clock budget; the job stops (and saves) when it is spent
-    epochs: float = 6.0
-    lr: float = 3e-3  # dense Engram parts; tables train at lr x table_lr_scale
+    epochs: float = 8.0
+    lr: float = 1e-2  # dense Engram parts; tables train at lr x table_lr_scale (bench/train_recall.py)
     lora_lr: float = 1e-3
     batch_size: int = 8
     max_length: int = 256

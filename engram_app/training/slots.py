@@ -5,10 +5,12 @@ sequence wrote are a function of its n-grams. The index keeps the distinct n-gra
 training (every version includes those of its ancestors, since their writes are still in the
 table), the sources each came from (with counts), and the rows each addresses, sorted by row:
 
-    slots/grams.npy         int64 [G, 1 + max_order]  order, compressed ids (most recent first, -1 pad)
-    slots/text_ids.npy      int64 [G, max_order]      original token ids of one occurrence (for display)
-    slots/gram_sources.npy  int64 [E, 3]              gram, source id, occurrences (sorted by gram)
-    slots/rows.npy          int64 [R, 2]              row, gram (sorted by row)
+    slots/grams.npy         [G, 1 + max_order]  order, compressed ids (most recent first, -1 pad)
+    slots/text_ids.npy      [G, max_order]      original token ids of one occurrence (for display)
+    slots/gram_sources.npy  [E, 3]              gram, source id, occurrences (sorted by gram)
+    slots/rows.npy          [R, 2]              row, gram (sorted by row)
+
+(int32 when every value fits, else int64.)
 
 Plain ``.npy`` arrays (read with ``allow_pickle=False``, memory-mapped), so "who wrote row r" is
 two binary searches, whatever the size of the pack.
@@ -72,9 +74,9 @@ class SlotIndexBuilder:
         sources = [*self._sources]
         counts = [np.ones(len(s), dtype=np.int64) for s in self._sources]
         if previous is not None and len(previous.grams):
-            pairs = np.asarray(previous.gram_sources)
-            keys.append(np.asarray(previous.grams)[pairs[:, 0]])
-            text.append(np.asarray(previous.text_ids)[pairs[:, 0]])
+            pairs = np.asarray(previous.gram_sources, dtype=np.int64)
+            keys.append(np.asarray(previous.grams, dtype=np.int64)[pairs[:, 0]])
+            text.append(np.asarray(previous.text_ids, dtype=np.int64)[pairs[:, 0]])
             sources.append(pairs[:, 1])
             counts.append(pairs[:, 2])
         if keys:
@@ -94,7 +96,9 @@ class SlotIndexBuilder:
         rows = self._rows(grams)
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in zip(FILES, (grams, text_ids, gram_sources, rows)):
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(array, dtype=np.int64), allow_pickle=False)
+            small = array.size == 0 or (int(array.max()) < 2**31 and int(array.min()) >= -(2**31))
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(array, dtype=np.int32 if small else np.int64),
+                    allow_pickle=False)
         return SlotIndex.open(folder)
 
     def _rows(self, grams: np.ndarray) -> np.ndarray:
@@ -136,10 +140,11 @@ class SlotIndex:
     def writers(self, row: int, limit: int = 50) -> list[Writer]:
         """Who wrote ``row``: (source, n-gram, occurrences), most frequent first."""
         row_col = self.rows[:, 0]
-        lo, hi = np.searchsorted(row_col, row, "left"), np.searchsorted(row_col, row, "right")
+        key = np.asarray(row, dtype=row_col.dtype)  # a needle of the array's dtype: no conversion of the array
+        lo, hi = np.searchsorted(row_col, key, "left"), np.searchsorted(row_col, key, "right")
         out: list[Writer] = []
         gram_col = self.gram_sources[:, 0]
-        for gram in np.asarray(self.rows[lo:hi, 1]):
+        for gram in np.asarray(self.rows[lo:hi, 1]).astype(gram_col.dtype):
             a, b = np.searchsorted(gram_col, gram, "left"), np.searchsorted(gram_col, gram, "right")
             text = [int(t) for t in np.asarray(self.text_ids[gram])[::-1] if t >= 0]
             missing = int(self.grams[gram, 0]) - len(text)  # positions before the start of a sequence
