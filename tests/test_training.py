@@ -337,7 +337,6 @@ def test_a_killed_worker_leaves_the_pack_loadable_and_the_job_resumes(service, t
 
 
 def test_cancel_queue_and_chat_while_another_pack_trains(service, tmp_path):
-    home = service.settings.home
     add_profile(service, tmp_path, "a.md", PROFILE_A)
     service.create_pack("chatty", size="small")
     run_inline(service, "chatty", **QUICK)

@@ -46,19 +46,28 @@ def save_engram(memory: EngramModel, folder: str | Path, lora_model=None) -> Pat
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         if lora_model is not None:
             lora_model.save_pretrained(tmp / LORA_DIR)
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the finished folder ``tmp`` to ``folder`` by renames, replacing what was there.
+
+    At every moment ``folder`` is either the old complete folder, absent (between two renames,
+    with the old one kept beside it as ``.<name>.old``), or the new complete folder.
+    """
+    os.chmod(tmp, 0o755)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
 
 
 def read_adapter_config(folder: str | Path) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from engram_app.engram import EngramModel, attach_engram, attach_lora, load_engram, load_lora, save_engram
-from engram_app.engram.io import CONFIG_NAME, LORA_DIR
+from engram_app.engram.io import CONFIG_NAME, LORA_DIR, replace_folder
 from engram_app.training.packs import PackConfig
 
 LORA_ONLY_MARKER = "pack_version.json"
@@ -61,24 +60,11 @@ class Adapted:
         try:
             self.lora.save_pretrained(tmp / LORA_DIR)
             (tmp / LORA_ONLY_MARKER).write_text(json.dumps({"mode": "lora"}))
-            replace_dir(tmp, folder)
+            replace_folder(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder
-
-
-def replace_dir(tmp: Path, folder: Path) -> None:
-    """Move the finished folder ``tmp`` to ``folder``, replacing what was there."""
-    os.chmod(tmp, 0o755)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
 
 
 def attach(base: nn.Module, tokenizer, config: PackConfig) -> Adapted:

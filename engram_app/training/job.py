@@ -19,6 +19,7 @@ from pathlib import Path
 import sqlite_utils
 import torch
 
+from engram_app.engram.io import replace_folder
 from engram_app.errors import EngramError
 from engram_app.models import load_base_model
 from engram_app.settings import Settings, resolve_device
@@ -179,7 +180,7 @@ class JobRunner:
         tmp = folder / ".slots.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         builder.write(tmp, previous)
-        adapters.replace_dir(tmp, folder / "slots")
+        replace_folder(tmp, folder / "slots")
 
 
 def _round(value: float | None) -> float | None:

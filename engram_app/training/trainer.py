@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engram_app.engram import EngramOptimizer
-from engram_app.training.adapters import Adapted, replace_dir
+from engram_app.engram.io import replace_folder
+from engram_app.training.adapters import Adapted
 from engram_app.training.evaluate import pad_batch, pad_id
 from engram_app.training.jobs import TrainOptions
 from engram_app.training.text import Example
@@ -108,7 +109,7 @@ class Trainer:
             (tmp / STATE_FILE).write_text(json.dumps({
                 "step": self.step, "total": self.total, "elapsed": self.elapsed, "optimizers": groups,
                 "extra": self.extra}, indent=1))
-            replace_dir(tmp, folder)
+            replace_folder(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
