@@ -238,6 +238,31 @@ def _parsed_chunks_vectors(library, path):
     return parsed, chunks, library.embedder.encode([c.text for c in chunks])
 
 
+def test_write_transactions_of_two_processes_wait_for_each_other(tmp_path):
+    import threading
+
+    first, second = open_db(tmp_path), open_db(tmp_path)
+    first["counter"].insert({"id": 1, "n": 0}, pk="id")
+    holding = threading.Event()
+
+    def writer():
+        with first.atomic():
+            first.execute("update counter set n = n + 1 where id = 1")
+            holding.set()
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    holding.wait()
+    # Read, then write, in one transaction, while the other connection holds the write lock: a
+    # deferred BEGIN would fail at once ("database is locked"); BEGIN IMMEDIATE waits its turn.
+    with second.atomic():
+        n = second.execute("select n from counter where id = 1").fetchone()[0]
+        second.execute("update counter set n = ? where id = 1", [n + 1])
+    thread.join()
+    assert second.execute("select n from counter").fetchone()[0] == 2
+
+
 # --- a kill in the middle of an import ------------------------------------------------------------
 
 def test_a_killed_import_leaves_no_partial_source(tmp_path, tiny_model_dir):
