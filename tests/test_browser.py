@@ -6,6 +6,7 @@ test data root holding the converted bundled model.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -114,3 +115,44 @@ def test_chat_message_gets_a_streamed_reply(app_url, browser, tmp_path):
     assert len(seen) >= 3, f"the reply did not stream: {seen}"
     assert all(seen[-1].startswith(partial.rstrip()) for partial in seen), seen
     assert outside == [], f"the page reached outside the machine: {outside[:5]}"
+
+
+def test_library_tab_imports_dropped_files_and_shows_reads_and_deletes_them(app_url, browser, tmp_path):
+    url, _ = app_url
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    hostile_title = "<img src=x onerror=\"document.title='pwned'\"> notes"
+    (folder / "garden.md").write_text(f"# {hostile_title}\n\nThe basil grows best in the sun on the balcony.\n")
+    (folder / "me.json").write_text('{"name": "Ana", "pet": "a turtle named Timothy", "city": "Lisbon"}')
+    (folder / "empty.txt").write_bytes(b"")
+    page = browser.new_page()
+    page.goto(url)
+    page.get_by_role("tab", name="Library").click()
+    page.wait_for_selector("#library-drop", timeout=60_000)
+    page.set_input_files("#library-drop input[type=file]", [str(p) for p in sorted(folder.iterdir())])
+    page.wait_for_timeout(1500)  # the upload finishes before the import starts
+    page.click("#library-import")
+    results = page.locator("#library-results")
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#library-results')?.innerText || ''; "
+        "return t.includes('garden.md') && t.includes('me.json') && t.includes('empty.txt'); }", timeout=180_000)
+    text = results.inner_text()
+    assert text.count("added") == 2 and "failed" in text and "empty" in text.lower(), text
+
+    sources = page.locator("#library-sources")
+    page.wait_for_function("() => (document.querySelector('#library-sources')?.innerText || '').includes('notes')",
+                           timeout=30_000)
+    assert "Profile: Ana" in sources.inner_text()
+    # A title taken from a user's file is shown as text, never run as HTML.
+    assert page.title() != "pwned"
+    assert page.locator("#library-sources img").count() == 0
+
+    source_id = re.search(r"garden\.md.*?\(source (\d+)\)", text, re.S).group(1)
+    page.fill("#library-source-id input", source_id)
+    page.click("#library-open")
+    page.wait_for_function("() => (document.querySelector('#library-content textarea')?.value || '')"
+                           ".includes('basil grows best')", timeout=30_000)
+    page.click("#library-delete")
+    page.wait_for_function("() => !(document.querySelector('#library-sources')?.innerText || '').includes('notes')",
+                           timeout=30_000)
+    page.screenshot(path=str(tmp_path / "library.png"), full_page=True)

@@ -10,6 +10,7 @@ import gradio as gr
 from engram_app.service import Service
 from engram_app.settings import DEFAULT_HOST, Settings
 from engram_app.ui.chat_tab import build_chat_tab
+from engram_app.ui.library_tab import _source_rows, build_library_tab
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,13 @@ def build_app(service: Service) -> gr.Blocks:
                 "<span>Engram Studio</span></div>",
             )
         status = gr.Markdown(elem_id="status")
-        build_chat_tab(service)
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat-tab"):
+                build_chat_tab(service)
+            with gr.Tab("Library", id="library-tab"):
+                sources, query, source_status = build_library_tab(service)
         app.load(lambda: status_markdown(service), None, status, api_visibility="private")
+        app.load(lambda q, st: _source_rows(service, q, st), [query, source_status], sources, api_visibility="private")
     return app
 
 
