@@ -156,3 +156,41 @@ def test_library_tab_imports_dropped_files_and_shows_reads_and_deletes_them(app_
     page.wait_for_function("() => !(document.querySelector('#library-sources')?.innerText || '').includes('notes')",
                            timeout=30_000)
     page.screenshot(path=str(tmp_path / "library.png"), full_page=True)
+
+
+def test_training_tab_creates_a_pack_trains_it_in_the_worker_and_survives_a_reload(app_url, browser, tmp_path):
+    url, _ = app_url
+    profile = tmp_path / "me.md"
+    profile.write_text("- My dog is called Pixel.\n- I live in Porto.\n")
+    page = browser.new_page()
+    page.goto(url)
+    page.get_by_role("tab", name="Library").click()
+    page.set_input_files("#library-drop input[type=file]", [str(profile)])
+    page.wait_for_timeout(1500)
+    page.click("#library-import")
+    page.wait_for_function("() => (document.querySelector('#library-results')?.innerText || '').includes('me.md')",
+                           timeout=120_000)
+
+    page.get_by_role("tab", name="Memory & training").click()
+    page.locator("#pack-create-box").get_by_text("Create a pack").click()
+    page.fill("#pack-name textarea, #pack-name input", "browser")
+    page.click("#pack-create")
+    page.wait_for_function("() => (document.querySelector('#packs-table')?.innerText || '').includes('browser')",
+                           timeout=30_000)
+    page.get_by_text("Advanced options").click()
+    page.fill("#train-max-steps input", "3")
+    page.click("#train-evaluate input")  # no evaluation: the test only needs the version
+    page.click("#train-start")
+    page.wait_for_function("() => (document.querySelector('#train-progress')?.innerText || '').includes('running')"
+                           " || (document.querySelector('#train-progress')?.innerText || '').includes('done')",
+                           timeout=120_000)
+    page.reload()  # the job lives in the worker and SQLite: the page finds it again
+    page.get_by_role("tab", name="Memory & training").click()
+    page.wait_for_function("() => (document.querySelector('#train-progress')?.innerText || '').includes('done')",
+                           timeout=300_000)
+    assert "wrote version 1" in page.locator("#train-progress").inner_text()
+    page.wait_for_function("() => (document.querySelector('#train-versions')?.innerText || '').includes('yes')",
+                           timeout=30_000)
+    assert "version 1 written and active" in page.locator("#train-log textarea").input_value()
+    page.wait_for_timeout(2000)  # let the loss chart draw
+    page.screenshot(path=str(tmp_path / "train.png"), full_page=True)

@@ -11,6 +11,7 @@ from engram_app.service import Service
 from engram_app.settings import DEFAULT_HOST, Settings
 from engram_app.ui.chat_tab import build_chat_tab
 from engram_app.ui.library_tab import _source_rows, build_library_tab
+from engram_app.ui.train_tab import build_train_tab
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,11 @@ def build_app(service: Service) -> gr.Blocks:
                 build_chat_tab(service)
             with gr.Tab("Library", id="library-tab"):
                 sources, query, source_status = build_library_tab(service)
+            with gr.Tab("Memory & training", id="train-tab"):
+                refresh_packs, pack_choice, packs_table = build_train_tab(service)
         app.load(lambda: status_markdown(service), None, status, api_visibility="private")
         app.load(lambda q, st: _source_rows(service, q, st), [query, source_status], sources, api_visibility="private")
+        app.load(refresh_packs, pack_choice, [packs_table, pack_choice], api_visibility="private")
     return app
 
 

@@ -1,0 +1,181 @@
+"""The memory view: packs and their versions, training jobs with live progress, cancel, rollback.
+
+Holds no logic: it calls the service and polls the job rows in SQLite (a ``gr.Timer``), so a
+reload, a closed tab or a restarted app finds the job where it is: training runs in the worker
+process, never in an event handler.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from engram_app.errors import EngramError
+from engram_app.service import Service
+from engram_app.training import PRESETS, TrainOptions
+
+PACK_COLUMNS = ["pack", "mode", "size", "active version", "versions", "base model", "learns from", "warning"]
+VERSION_COLUMNS = ["version", "active", "steps", "memorisation loss", "forgetting cost", "recall on / off", "created"]
+PRESET_HELP = " | ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+BUDGETS = {"quick (2 min)": 2.0, "thorough (10 min)": 10.0}
+
+
+def _pack_rows(service: Service) -> list[list]:
+    rows = []
+    for p in service.packs():
+        warning = (f"learned {len(p['deleted_sources_learned'])} deleted source(s): retrain from scratch"
+                   if p["deleted_sources_learned"] else "")
+        rows.append([p["name"], p["mode"], p["preset"], p["active_version"] or "not trained", len(p["versions"]),
+                     p["base_model"], ", ".join(p["collections"]) or "all collections", warning])
+    return rows
+
+
+def _version_rows(service: Service, pack: str | None) -> list[list]:
+    if not pack:
+        return []
+    info = service.pack(pack)
+    rows = []
+    for v in reversed(info["versions"]):
+        ev = v["evaluation"] or {}
+        mem, ret, rec = ev.get("memorisation") or {}, ev.get("retention") or {}, ev.get("recall") or {}
+        recall = (f"{rec['memory_on']['recall']:.2f} / {rec['memory_off']['recall']:.2f}" if rec else "")
+        rows.append([v["number"], "yes" if v["number"] == info["active_version"] else "", ev.get("steps", ""),
+                     f"{mem['before']} -> {mem['after']}" if mem else "",
+                     f"{ret['cost']:+.1%}" if ret.get("cost") is not None else "", recall, v["created"][:19]])
+    return rows
+
+
+def _job_text(job: dict | None) -> str:
+    if job is None:
+        return "No training job yet."
+    latest = job.get("latest", {})
+    parts = [f"Job {job['id']} ({job['pack']}): **{job['status']}**"]
+    if job["total_steps"]:
+        parts.append(f"step {job['step']} / {job['total_steps']}")
+    if "elapsed" in latest:
+        parts.append(f"{latest['elapsed']:.0f} s elapsed")
+    if latest.get("eta") is not None and job["status"] == "running":
+        parts.append(f"about {latest['eta']:.0f} s left")
+    if "tokens_per_second" in latest:
+        parts.append(f"{latest['tokens_per_second']:.0f} tokens/s")
+    if job["error"]:
+        parts.append(f"error: {job['error']}")
+    result = job.get("result") or {}
+    if result.get("version"):
+        parts.append(f"wrote version {result['version']}")
+    return ", ".join(parts)
+
+
+def _loss_frame(service: Service, job: dict | None) -> pd.DataFrame:
+    if job is None:  # typed even when empty: an untyped empty column makes the chart's colour scale numeric
+        return pd.DataFrame({"step": pd.Series([], dtype="int64"), "loss": pd.Series([], dtype="float64"),
+                             "curve": pd.Series([], dtype=object)})
+    points = service.job(job["id"], metrics=True)["metrics"].get("loss", [])
+    steps = [s for s, _ in points]
+    raw = [v for _, v in points]
+    smooth, value = [], None
+    for v in raw:  # exponential moving average, as training dashboards draw it
+        value = v if value is None else 0.9 * value + 0.1 * v
+        smooth.append(value)
+    return pd.DataFrame({"step": steps * 2, "loss": raw + smooth,
+                         "curve": pd.Series(["raw"] * len(raw) + ["smoothed"] * len(raw), dtype=object)})
+
+
+def build_train_tab(service: Service):
+    packs_table = gr.Dataframe(headers=PACK_COLUMNS, value=[], label="Memory packs", interactive=False,
+                               elem_id="packs-table")
+    with gr.Accordion("Create a pack", open=False, elem_id="pack-create-box"):
+        with gr.Row():
+            name = gr.Textbox(label="Name", placeholder="me", elem_id="pack-name")
+            size = gr.Dropdown(list(PRESETS), value="medium", label="Size", info=PRESET_HELP)
+            mode = gr.Dropdown(["engram", "lora", "engram+lora"], value="engram", label="What trains")
+            create = gr.Button("Create", elem_id="pack-create")
+    with gr.Row():
+        pack = gr.Dropdown([], label="Pack", elem_id="train-pack", scale=2, allow_custom_value=False)
+        budget = gr.Dropdown(list(BUDGETS), value="quick (2 min)", label="Preset", scale=1)
+        full = gr.Checkbox(label="Retrain from scratch", value=False, scale=1)
+        start = gr.Button("Train", variant="primary", elem_id="train-start", scale=1)
+        cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel", scale=1)
+    with gr.Accordion("Advanced options", open=False):
+        with gr.Row():
+            max_steps = gr.Number(label="Max steps (0: from epochs)", value=0, precision=0, elem_id="train-max-steps")
+            lr = gr.Number(label="Learning rate", value=TrainOptions().lr)
+            evaluate = gr.Checkbox(label="Evaluate at the end", value=True, elem_id="train-evaluate")
+    job_id = gr.State(None)
+    plotted = gr.State(None)
+    progress = gr.Markdown("No training job yet.", elem_id="train-progress")
+    loss_plot = gr.LinePlot(x="step", y="loss", color="curve", color_map={"raw": "#a5b4fc", "smoothed": "#4f46e5"},
+                            title="Loss", height=260, elem_id="train-loss")
+    log = gr.Textbox(label="Log", lines=6, max_lines=6, interactive=False, elem_id="train-log")
+    versions = gr.Dataframe(headers=VERSION_COLUMNS, value=[], label="Versions of the pack", interactive=False,
+                            elem_id="train-versions")
+    with gr.Row():
+        version = gr.Number(label="Version", precision=0, minimum=1, scale=1)
+        rollback = gr.Button("Make this version active", scale=1, elem_id="train-rollback")
+
+    def refresh_packs(current: str | None):
+        names = [p["name"] for p in service.packs()]
+        value = current if current in names else (names[0] if names else None)
+        return _pack_rows(service), gr.update(choices=names, value=value)
+
+    def do_create(n: str, s: str, m: str):
+        try:
+            service.create_pack((n or "").strip(), size=s, mode=m)
+        except EngramError as exc:
+            raise gr.Error(str(exc)) from None
+        names = [p["name"] for p in service.packs()]
+        return _pack_rows(service), gr.update(choices=names, value=n.strip())
+
+    def do_start(p: str | None, b: str, f: bool, steps: float, rate: float, ev: bool):
+        if not p:
+            raise gr.Error("Create or choose a pack first.")
+        try:
+            options = TrainOptions(max_minutes=BUDGETS[b], max_steps=int(steps) or None, lr=float(rate), full=f,
+                                   evaluate=ev)
+            job = service.train(p, options)
+        except EngramError as exc:
+            raise gr.Error(str(exc)) from None
+        return job["id"]
+
+    def latest_job(current: int | None, p: str | None) -> dict | None:
+        if current is not None:
+            return service.job(current)
+        jobs = [j for j in service.jobs(limit=20) if not p or j["pack"] == p]
+        return service.job(jobs[0]["id"]) if jobs else None
+
+    def poll(current: int | None, p: str | None, plotted: tuple | None):
+        job = latest_job(current, p)
+        text = "\n".join(line["message"] for line in job["log"]) if job else ""
+        key = (job["id"], job["step"], job["status"]) if job else None
+        # Redraw the plot only when there is something new: a chart redrawn every second flickers.
+        # Never send an empty frame: Gradio 6.31's LinePlot draws no lines for any later update after
+        # an empty one (reproduced in isolation), so the chart keeps its last curve until points come.
+        frame = None if key == plotted else _loss_frame(service, job)
+        plot = gr.skip() if frame is None or frame.empty else frame
+        return _job_text(job), plot, text, _version_rows(service, p), _pack_rows(service), key
+
+    def do_cancel(current: int | None, p: str | None):
+        job = latest_job(current, p)
+        if job is None or job["status"] not in ("queued", "running", "interrupted"):
+            raise gr.Error("No job is running.")
+        service.cancel(job["id"])
+        gr.Info(f"Job {job['id']} stops at its next step and keeps what it learned.")
+
+    def do_rollback(p: str | None, number: float | None):
+        if not p or not number:
+            raise gr.Error("Choose a pack and a version number.")
+        try:
+            service.rollback(p, int(number))
+        except EngramError as exc:
+            raise gr.Error(str(exc)) from None
+        return _version_rows(service, p), _pack_rows(service)
+
+    create.click(do_create, [name, size, mode], [packs_table, pack], api_name="create_pack")
+    start.click(do_start, [pack, budget, full, max_steps, lr, evaluate], job_id, api_name="train")
+    cancel.click(do_cancel, [job_id, pack], None, api_name="cancel_job")
+    rollback.click(do_rollback, [pack, version], [versions, packs_table], api_name="rollback")
+    pack.change(lambda p: (None, _version_rows(service, p)), pack, [job_id, versions], api_visibility="private")
+    timer = gr.Timer(1.0)
+    timer.tick(poll, [job_id, pack, plotted], [progress, loss_plot, log, versions, packs_table, plotted],
+               api_visibility="private", show_progress="hidden")
+    return refresh_packs, pack, packs_table
