@@ -165,11 +165,14 @@ def prepare(settings: Settings) -> None:
 @settings_options
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Interface to bind; anything but 127.0.0.1 exposes the app.")
 @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True)
-def serve(settings: Settings, host: str, port: int) -> None:
+@click.option("--password", envvar="ENGRAM_PASSWORD", default=None, show_envvar=True,
+              help="Ask for this password (any user name) before showing the app: set it when --host exposes the "
+                   "app on a network. Prefer the environment variable (a command line is visible to other users).")
+def serve(settings: Settings, host: str, port: int, password: str | None) -> None:
     """Start the web app (the same as running app.py)."""
     from engram_app.ui import launch
 
-    settings.host, settings.port = host, port
+    settings.host, settings.port, settings.password = host, port, password or None
     launch(settings)
 
 
@@ -327,6 +330,36 @@ def pack_create(settings: Settings, name: str, size: str, collections: tuple[str
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
         click.echo(f"Created pack {info['name']} ({info['mode']}, {info['preset']}, base {info['base_model']}).")
+
+
+@pack.command("export")
+@settings_options
+@click.argument("name")
+@click.option("--version", "number", type=int, default=None, help="The version to export (default: the active one).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The file to write (default: <home>/exports/NAME-vN.zip).")
+def pack_export(settings: Settings, name: str, number: int | None, output: Path | None) -> None:
+    """Write a version of pack NAME as one .zip file (adapter weights and config; no sources)."""
+    from engram_app.service import Service
+
+    click.echo(Service(settings).export_pack(name, output, number))
+
+
+@pack.command("import")
+@settings_options
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="The new pack's name (default: the name in the file).")
+@click.option("--json", "as_json", is_flag=True)
+def pack_import(settings: Settings, file: Path, name: str | None, as_json: bool) -> None:
+    """Import a pack file written by `pack export` as a new pack (checked against its base model)."""
+    from engram_app.service import Service
+
+    info = Service(settings).import_pack(file, name)
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False))
+    else:
+        click.echo(f"Imported pack {info['name']} ({info['mode']}, {info['preset']}, base {info['base_model']}) "
+                   f"at version {info['active_version']}.")
 
 
 @pack.command("sizes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 
@@ -56,6 +57,17 @@ class ChatResult:
                 "message": self.message_id, "retrieved": list(self.retrieved)}
 
 
+class ChatStream:
+    """The tokens of a reply as they are generated; ``result`` holds the :class:`ChatResult` once done."""
+
+    def __init__(self, steps: Iterator):
+        self._steps = steps
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> Iterator[GeneratedToken]:
+        self.result = yield from self._steps
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -87,10 +99,14 @@ class Service:
         if self._runtime is None:
             return {"model": self.settings.model or "default", "device": None, "load_seconds": None}
         loaded = self._runtime.loaded
+        gpu = None
+        if loaded.device.device.type == "cuda":
+            gpu = f"{torch.cuda.memory_allocated(loaded.device.device) / 2**30:.1f} GiB"
         return {
             "model": loaded.source.name,
             "device": loaded.device.describe(),
             "load_seconds": round(loaded.load_seconds, 2),
+            "gpu_memory": gpu,
         }
 
     # --- chat ---------------------------------------------------------------------------
@@ -111,6 +127,18 @@ class Service:
         memory, every generated token's trace is recorded while generating. With ``save`` the
         turn is kept in the conversation (a new one unless ``conversation`` is given).
         """
+        stream = self.chat_stream(message, history, options, pack, memory, retrieval, conversation, save)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def chat_stream(self, message: str, history: Sequence[Message] = (), options: GenerationOptions | None = None,
+                    pack: str | None = None, memory: bool = True, retrieval: int = 0,
+                    conversation: int | None = None, save: bool = True) -> ChatStream:
+        """:meth:`chat`, streamed: iterate for the tokens; ``.result`` is the :class:`ChatResult` after the last."""
+        return ChatStream(self._chat(message, history, options, pack, memory, retrieval, conversation, save))
+
+    def _chat(self, message, history, options, pack, memory, retrieval, conversation, save):
         from engram_app.inference.tracing import Recorder
 
         runtime = self.chat_runtime(pack, memory)
@@ -121,10 +149,13 @@ class Service:
         prompt_ids = runtime.chat_ids(messages)
         engram = runtime.adapted.memory if runtime.adapted is not None else None
         recorder = Recorder(engram) if engram is not None else None
-        tokens = list(runtime.stream_ids(prompt_ids, options, recorder))
+        tokens = []
+        for token in runtime.stream_ids(prompt_ids, options, recorder):
+            tokens.append(token)
+            yield token
         reply = runtime.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
         ids = [*prompt_ids, *(t.id for t in tokens)]
-        arrays = recorder.arrays(ids) if recorder is not None else None
+        arrays = recorder.arrays(ids, start=len(prompt_ids)) if recorder is not None else None
         traces = arrays.tokens(engram, runtime.tokenizer, len(prompt_ids), len(ids)) if arrays is not None else None
         conversation_id = message_id = None
         if save:
@@ -165,6 +196,41 @@ class Service:
             "select c.id, c.title, c.created, p.name as pack, (select count(*) from messages m where "
             "m.conversation_id = c.id) as messages from conversations c left join packs p on p.id = c.pack_id "
             "order by c.id desc limit ?", [limit]))
+
+    def conversation(self, conversation: int) -> list[dict]:
+        """The turns of a conversation: id, role, content, the pack and version used, whether traced."""
+        rows = list(self.db().query(
+            "select m.id, m.role, m.content, p.name as pack, m.pack_version as version, m.trace is not null as traced "
+            "from messages m left join packs p on p.id = m.pack_id where m.conversation_id = ? order by m.id",
+            [conversation]))
+        if not rows and not self.db()["conversations"].count_where("id = ?", [conversation]):
+            raise EngramError(f"No conversation {conversation}.")
+        return rows
+
+    def replies(self, limit: int = 30) -> list[dict]:
+        """Recent replies that carry a memory trace (the ones Inspect can show), newest first."""
+        return list(self.db().query(
+            "select m.id, m.conversation_id as conversation, m.content, p.name as pack, m.pack_version as version "
+            "from messages m join packs p on p.id = m.pack_id where m.role = 'assistant' and m.trace is not null "
+            "order by m.id desc limit ?", [limit]))
+
+    def reply_trace(self, message_id: int) -> dict:
+        """A stored reply's per-token memory report, from the trace recorded while it was generated."""
+        from engram_app.inference.tracing import TraceArrays
+
+        rows = list(self.db().query(
+            "select m.id, m.content, m.trace, m.pack_version as version, p.name as pack from messages m "
+            "left join packs p on p.id = m.pack_id where m.id = ?", [message_id]))
+        if not rows:
+            raise EngramError(f"No message {message_id}.")
+        row = rows[0]
+        if row["trace"] is None or row["pack"] is None:
+            raise EngramError(f"Message {message_id} was not generated with a memory: it has no trace.")
+        runtime = self._memory_runtime(row["pack"])
+        arrays = TraceArrays.from_bytes(row["trace"])
+        return {"message": message_id, "pack": row["pack"], "version": row["version"], "content": row["content"],
+                "ids": arrays.ids.tolist(), "start": arrays.start,
+                "tokens": arrays.tokens(runtime.adapted.memory, runtime.tokenizer, arrays.start)}
 
     def chat_runtime(self, pack: str | None = None, memory: bool = True) -> Runtime:
         """The runtime for a chat: the base model, or a copy of it wearing ``pack``'s active version.
@@ -297,6 +363,8 @@ class Service:
         if info is None:
             return {int(r): [] for r in rows}
         folder = Path(info["path"]) / "slots"
+        if (info["evaluation"] or {}).get("imported") and not SlotIndex.exists(folder):
+            return {int(r): [] for r in rows}  # an imported version carries no record of sources (transfer.py)
         if not SlotIndex.exists(folder):
             raise EngramError(f"Version {info['number']} of pack {pack!r} has no slot index.")
         index = self._slot_indexes.get(str(folder)) or SlotIndex.open(folder)
@@ -311,12 +379,29 @@ class Service:
                     hit = list(self.db().query("select title, status from sources where id = ?", [w.source_id]))
                     titles[w.source_id] = hit[0] if hit else {"title": None, "status": "unknown"}
                 source = titles[w.source_id]
-                ngram = "|".join(START if t < 0 else tokenizer.decode([t], clean_up_tokenization_spaces=False)
-                                 for t in w.ngram_ids)  # written as trace reports write n-grams
+                pieces = [START if t < 0 else tokenizer.decode([t], clean_up_tokenization_spaces=False)
+                          for t in w.ngram_ids]
+                ngram = "|".join(pieces)  # written as trace reports write n-grams
                 found.append({"source": w.source_id, "title": source["title"], "status": source["status"],
-                              "ngram": ngram, "count": w.count})
+                              "ngram": ngram, "count": w.count,
+                              "passage": self._passage(w.source_id, [p for p in pieces if p != START])})
             out[int(row)] = found
         return out
+
+    def _passage(self, source_id: int, pieces: list[str], width: int = 160) -> str:
+        """Where a source says an n-gram: the text around it in the source's chunks (or its opening)."""
+        needle = "".join(pieces).strip()
+        rows = list(self.db().query(
+            "select text from chunks where source_id = ? and instr(lower(text), lower(?)) > 0 order by position limit 1",
+            [source_id, needle])) if needle else []
+        if not rows:  # trained on a phrasing of the source (a profile fact as a question): show its opening
+            rows = list(self.db().query("select text from chunks where source_id = ? order by position limit 1",
+                                        [source_id]))
+            return " ".join(rows[0]["text"][:width].split()) if rows else ""
+        text = rows[0]["text"]
+        at = text.lower().find(needle.lower())
+        begin, end = max(0, at - width // 2), min(len(text), at + len(needle) + width // 2)
+        return ("..." if begin else "") + " ".join(text[begin:end].split()) + ("..." if end < len(text) else "")
 
     # --- memory packs and training -----------------------------------------------------------
 
@@ -353,6 +438,57 @@ class Service:
 
     def rollback(self, name: str, version: int) -> dict:
         return self.packs_store().rollback(name, version)
+
+    def export_pack(self, name: str, destination: str | Path | None = None, version: int | None = None) -> Path:
+        """Write a version of a pack (the active one by default) as one .zip file; returns its path."""
+        from engram_app.training.transfer import export_pack
+
+        store = self.packs_store()
+        number = version or store.get(name)["active_version"]
+        destination = Path(destination) if destination else self.settings.home / "exports" / f"{name}-v{number}.zip"
+        return export_pack(store, name, destination, version)
+
+    def import_pack(self, path: str | Path, name: str | None = None) -> dict:
+        """A pack file (from :meth:`export_pack`) as a new pack with one version, checked against its base model."""
+        from engram_app.engram.io import replace_folder
+        from engram_app.training import adapters
+        from engram_app.training.job import model_spec
+        from engram_app.training.transfer import check_name, import_config, read_manifest, unpack_adapter
+
+        manifest, members = read_manifest(Path(path))
+        store = self.packs_store()
+        name = check_name((name or "").strip() or str(manifest.get("name", "")))
+        if self.db()["packs"].count_where("name = ?", [name]):
+            raise EngramError(f"A pack named {name!r} exists already: import it under another name.")
+        config = import_config(manifest)
+        base = str(manifest.get("base_model") or "default")
+        device = resolve_device(self.settings.device)
+        loaded = load_base_model(model_spec(base), self.settings.models_dir, device)  # clear error when absent
+        tmp = store.folder(name).with_name(f".{name}.import")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            unpack_adapter(Path(path), members, tmp / "v1")
+            try:  # the adapter must load onto its base model (its fingerprint is checked) before it is kept
+                adapters.load(loaded.model, loaded.tokenizer, tmp / "v1", config)
+            except EngramError:
+                raise
+            except Exception as exc:
+                raise EngramError(f"{Path(path).name}: its adapter does not load ({exc}).") from None
+            del loaded
+            evaluation = dict(manifest.get("evaluation") or {})
+            evaluation["imported"] = {"file": Path(path).name, "pack": manifest.get("name"),
+                                      "version": manifest.get("version"), "exported": manifest.get("exported")}
+            replace_folder(tmp, store.folder(name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with self.db().atomic():
+                pack = store.create(name, base, size=config.preset, mode=config.mode, config=config)
+                store.record_version(pack["id"], 1, store.version_folder(name, 1), None, [], evaluation)
+        except BaseException:
+            shutil.rmtree(store.folder(name), ignore_errors=True)
+            raise
+        return store.get(name)
 
     def plan_training(self, pack: str, options: TrainOptions) -> dict:
         """What a job would learn: new and replayed source ids, and the version it starts from."""

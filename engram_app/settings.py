@@ -35,6 +35,7 @@ class Settings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_upload_bytes: int = 50 * 2**20  # the largest file the library imports
+    password: str | None = field(default=None, repr=False)  # the app asks for it when set (opt-in)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()

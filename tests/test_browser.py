@@ -6,17 +6,22 @@ test data root holding the converted bundled model.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
 from conftest import ROOT, chromium_path
+from test_training import stop_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -32,15 +37,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(bundled_home, tmp_path_factory):
+@contextlib.contextmanager
+def running_app(home: Path, log: Path, model: str | None = None, env: dict | None = None):
+    """``python app.py`` as ``make run`` starts it, on a free port; yields its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
+    command = [sys.executable, "app.py", "--home", str(home), "--port", str(port)]
+    if model:
+        command += ["--model", model]
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py", "--home", str(bundled_home), "--port", str(port)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -50,17 +56,27 @@ def app_url(bundled_home, tmp_path_factory):
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
+            except urllib.error.HTTPError:
+                break  # it answers (a login page answers 401 until a password is given)
             except OSError:
                 if time.time() > deadline:
                     pytest.fail(f"the app did not start in 180 s:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield url, log
+        yield url
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        stop_worker(home)
+
+
+@pytest.fixture(scope="module")
+def app_url(bundled_home, tmp_path_factory):
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with running_app(bundled_home, log) as url:
+        yield url, log
 
 
 @pytest.fixture(scope="module")
@@ -158,39 +174,166 @@ def test_library_tab_imports_dropped_files_and_shows_reads_and_deletes_them(app_
     page.screenshot(path=str(tmp_path / "library.png"), full_page=True)
 
 
-def test_training_tab_creates_a_pack_trains_it_in_the_worker_and_survives_a_reload(app_url, browser, tmp_path):
-    url, _ = app_url
-    profile = tmp_path / "me.md"
-    profile.write_text("- My dog is called Pixel.\n- I live in Porto.\n")
-    page = browser.new_page()
-    page.goto(url)
-    page.get_by_role("tab", name="Library").click()
-    page.set_input_files("#library-drop input[type=file]", [str(profile)])
-    page.wait_for_timeout(1500)
-    page.click("#library-import")
-    page.wait_for_function("() => (document.querySelector('#library-results')?.innerText || '').includes('me.md')",
-                           timeout=120_000)
+SCREENSHOTS = Path(os.environ.get("ENGRAM_SCREENSHOTS", ROOT / "tests" / "screenshots"))
+EXAMPLES = ROOT / "assets" / "examples"
+HOSTILE = ("The spare key hangs on a hook <img src=x onerror=\"document.title='pwned'\"> behind the shed door.\n"
+           "Another line <script>document.title='pwned'</script> about the shed.\n")
 
+
+def text_of(selector: str) -> str:
+    return f"(document.querySelector('{selector}')?.innerText || '')"
+
+
+def shot(page, name: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} screenshot {name}", flush=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(500)  # let the last update render
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def choose(page, dropdown: str, option: str) -> None:
+    """Pick ``option`` in a Gradio dropdown."""
+    page.click(f"{dropdown} input")
+    page.locator("ul[role=listbox] li", has_text=option).first.click()
+    page.wait_for_timeout(300)
+
+
+def ask(page, question: str, memory: bool) -> str:
+    """Send a chat message with memory on or off; the finished reply."""
+    box = page.locator("#chat-memory input")
+    if box.is_checked() != memory:
+        box.click()
+    replies = page.locator("#chat .message.bot, #chat [data-testid='bot']")
+    before = replies.count()
+    page.fill("#chat-input textarea", question)
+    page.press("#chat-input textarea", "Enter")
+    page.wait_for_function(f"() => document.querySelectorAll(\"#chat .message.bot, #chat [data-testid='bot']\")"
+                           f".length > {before}", timeout=60_000)
+    text, stable_since = "", time.time()
+    deadline = time.time() + 240
+    while time.time() < deadline:  # the reply has finished when it stops changing and the chat is idle
+        now = replies.last.inner_text()
+        if now != text:
+            text, stable_since = now, time.time()
+        elif text and time.time() - stable_since > 3 and page.locator("#chat-input textarea").is_editable():
+            break
+        page.wait_for_timeout(200)
+    return text
+
+
+def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str) -> dict:
+    """The whole job in the browser: drop files, train (reloading mid-job), chat with memory on and off, inspect.
+
+    Returns what the test asserts on: the two replies and the inspector's views.
+    """
+    hostile = tmp_path / "shed.txt"
+    hostile.write_text(HOSTILE)
+    page.goto(url)
+    page.wait_for_selector("#status :text('loaded in')", timeout=60_000)
+
+    # Library: a profile, a chat export, a document and a hostile file, dropped at once.
+    page.get_by_role("tab", name="Library").click()
+    files = [EXAMPLES / "profile-maya.md", EXAMPLES / "chatgpt-conversations.json", EXAMPLES / "garden-notes.md", hostile]
+    page.set_input_files("#library-drop input[type=file]", [str(f) for f in files])
+    page.wait_for_timeout(1500)  # the upload finishes before the import starts
+    page.click("#library-import")
+    page.wait_for_function(f"() => {text_of('#library-results')}.includes('shed.txt')", timeout=180_000)
+    results = page.locator("#library-results").inner_text()
+    assert results.count("added") == 4, results
+    page.wait_for_function(f"() => {text_of('#library-sources')}.includes('ChatGPT export')", timeout=30_000)
+    sources = page.locator("#library-sources").inner_text()
+    assert "Profile: About me (Maya)" in sources and "<img src=x" in sources  # the hostile title, as text
+    assert page.title() != "pwned" and page.locator("#library-sources img, #library-sources script").count() == 0
+    shot(page, f"{prefix}-library")
+
+    # Memory & training: create a pack, train it, reload the page mid-job, see the job finish.
     page.get_by_role("tab", name="Memory & training").click()
     page.locator("#pack-create-box").get_by_text("Create a pack").click()
-    page.fill("#pack-name textarea, #pack-name input", "browser")
+    page.fill("#pack-name textarea, #pack-name input", pack)
     page.click("#pack-create")
-    page.wait_for_function("() => (document.querySelector('#packs-table')?.innerText || '').includes('browser')",
-                           timeout=30_000)
+    page.wait_for_function(f"() => {text_of('#packs-table')}.includes('{pack}')", timeout=30_000)
     page.get_by_text("Advanced options").click()
-    page.fill("#train-max-steps input", "3")
-    page.click("#train-evaluate input")  # no evaluation: the test only needs the version
+    page.fill("#train-max-steps input", str(steps))
     page.click("#train-start")
-    page.wait_for_function("() => (document.querySelector('#train-progress')?.innerText || '').includes('running')"
-                           " || (document.querySelector('#train-progress')?.innerText || '').includes('done')",
-                           timeout=120_000)
+    page.wait_for_function(f"() => /step [1-9]/.test({text_of('#train-progress')}) || "
+                           f"{text_of('#train-progress')}.includes('done')", timeout=300_000)
+    seen_running = "running" in page.locator("#train-progress").inner_text()
     page.reload()  # the job lives in the worker and SQLite: the page finds it again
     page.get_by_role("tab", name="Memory & training").click()
-    page.wait_for_function("() => (document.querySelector('#train-progress')?.innerText || '').includes('done')",
-                           timeout=300_000)
+    page.wait_for_function(f"() => {text_of('#train-progress')}.includes('{pack}')", timeout=30_000)
+    after_reload = page.locator("#train-progress").inner_text()
+    page.wait_for_function(f"() => {text_of('#train-progress')}.includes('done')", timeout=600_000)
     assert "wrote version 1" in page.locator("#train-progress").inner_text()
-    page.wait_for_function("() => (document.querySelector('#train-versions')?.innerText || '').includes('yes')",
-                           timeout=30_000)
+    page.wait_for_function(f"() => {text_of('#train-versions')}.includes('yes')", timeout=30_000)
     assert "version 1 written and active" in page.locator("#train-log textarea").input_value()
-    page.wait_for_timeout(2000)  # let the loss chart draw
-    page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+    page.wait_for_timeout(1500)  # let the loss chart draw
+    shot(page, f"{prefix}-training")
+
+    # Chat: the same question with memory off, then on (the reply Inspect opens is the last one).
+    page.get_by_role("tab", name="Chat").click()
+    choose(page, "#chat-pack", pack)
+    off = ask(page, "What is my dog called?", memory=False)
+    on = ask(page, "What is my dog called?", memory=True)
+    page.wait_for_function("() => !document.querySelector('#chat-inspect')?.disabled", timeout=30_000)
+    assert "What is my dog called?" in page.locator("#chat-conversations input").input_value()
+    shot(page, f"{prefix}-chat")
+
+    # Inspect: the last reply, then a text from the hostile file; select a token, see its slots and sources.
+    page.click("#chat-inspect")
+    page.wait_for_function(f"() => {text_of('#inspect-summary')}.includes('tokens from pack')", timeout=120_000)
+    page.wait_for_selector("#inspect-strip .token", timeout=30_000)
+    reply_tokens = page.locator("#inspect-strip .token").count()
+    page.fill("#inspect-text textarea", "The spare key hangs on a hook <img src=x onerror")
+    page.click("#inspect-text-run")
+    page.wait_for_function(f"() => {text_of('#inspect-summary')}.includes('version 1')"
+                           f" && {text_of('#inspect-strip')}.includes('<')", timeout=120_000)
+    strip = page.locator("#inspect-strip .token")
+    strip.nth(strip.count() - 2).click()  # "o" of "onerror" (the tokenizer splits it): its n-grams are in shed.txt
+    page.wait_for_function(f"() => {text_of('#inspect-details')}.includes('memory effect')", timeout=60_000)
+    page.wait_for_function(f"() => {text_of('#inspect-sources')}.includes('(source')", timeout=60_000)
+    view = {
+        "off": off, "on": on, "seen_running": seen_running, "after_reload": after_reload,
+        "reply_tokens": reply_tokens, "strip": "".join(strip.all_inner_texts()),
+        "slot_rows": int(page.locator("#inspect-slots [role=grid]").get_attribute("aria-rowcount")) - 1,
+        "sources": page.locator("#inspect-sources").inner_text(), "details": page.locator("#inspect-details").inner_text(),
+        "injected": page.locator("#inspect-strip img, #inspect-sources img, #inspect-sources script, "
+                                 "#inspect-strip script").count(),
+        "title": page.title(),
+    }
+    shot(page, f"{prefix}-inspect")
+    return view
+
+
+def check_flow(view: dict) -> None:
+    assert view["off"] and view["on"], view
+    assert view["reply_tokens"] > 0  # the reply's token strip
+    assert "<img src=x" in view["strip"].replace("\n", "")  # the typed text, shown as tokens of text
+    assert view["slot_rows"] == 16  # the token's slots: 2 orders x 8 heads, each with its n-gram
+    assert "shed" in view["sources"] and "<img src=x" in view["sources"], view["sources"]  # the passage, as text
+    assert view["injected"] == 0 and view["title"] != "pwned"
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tinyapp")
+    with running_app(folder / "home", folder / "app.log", model=str(tiny_model_dir)) as url:
+        yield url
+
+
+def test_the_whole_flow_in_the_browser_with_the_tiny_model(tiny_app, browser, tmp_path):
+    """Drop files -> train (reload mid-job) -> chat with memory on and off -> inspect a token's slots and sources."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    view = memory_flow(page, tiny_app, tmp_path, pack="flow", steps=300, prefix="tiny")
+    check_flow(view)
+    assert view["on"] != view["off"]  # a trained memory changes the (random) tiny model's reply
+
+
+def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(app_url, browser, tmp_path):
+    """The same flow on SmolLM2: with memory on, the reply uses a fact from the profile; off, it does not."""
+    url, _ = app_url
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    view = memory_flow(page, url, tmp_path, pack="maya", steps=40, prefix="bundled")
+    print("memory off:", view["off"], "| memory on:", view["on"])
+    check_flow(view)
+    assert "Pixel" in view["on"] and "Pixel" not in view["off"]
+    assert "running" in view["after_reload"] or "done" in view["after_reload"]

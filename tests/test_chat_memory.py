@@ -149,3 +149,80 @@ def test_chat_picks_up_a_new_version_without_a_restart(trained, tmp_path):
     service.create_pack("loraonly", size="small", mode="lora")
     with pytest.raises(EngramError, match="no Engram memory"):
         service.inspect("loraonly", text="hello")
+
+
+# --- what the browser's Chat and Inspect views call --------------------------------------------
+
+def test_a_streamed_reply_is_the_reply_and_its_stored_trace_is_what_inspect_shows(trained):
+    service, _, _ = trained
+    stream = service.chat_stream("What is my dog called?", options=SHORT, pack="me")
+    deltas = [token.delta for token in stream]
+    result = stream.result
+    assert result is not None and "".join(deltas) == result.reply and len(deltas) == len(result.tokens)
+    assert result.message_id is not None
+    stored = service.reply_trace(result.message_id)
+    assert stored["pack"] == "me" and stored["start"] == len(result.prompt_ids) and stored["ids"] == result.ids
+    saved, live = [t.to_json() for t in stored["tokens"]], [t.to_json() for t in result.traces]
+    assert [slots_of(t) for t in saved] == [slots_of(t) for t in live]
+    assert [t["memory"][0]["gate"] for t in saved] == pytest.approx([t["memory"][0]["gate"] for t in live], abs=1e-3)
+    assert [r["id"] for r in service.replies()][0] == result.message_id
+    turns = service.conversation(result.conversation_id)
+    assert [t["role"] for t in turns] == ["user", "assistant"] and turns[1]["traced"] and turns[1]["pack"] == "me"
+    plain = service.chat("hello", options=SHORT)  # the base model: nothing to inspect
+    with pytest.raises(EngramError, match="no trace"):
+        service.reply_trace(plain.message_id)
+    with pytest.raises(EngramError, match="No conversation"):
+        service.conversation(10**6)
+
+
+def test_provenance_shows_the_passage_of_the_source_that_wrote_a_slot(trained):
+    service, _, notes = trained
+    last = service.inspect("me", text="compost heap behind the shed")[-1]
+    trigram = next(s for s in last.memory[0].slots if s.order == 3)
+    writers = [w for w in service.provenance("me", [trigram.row])[trigram.row] if w["source"] == notes]
+    assert writers and "compost heap behind the shed" in writers[0]["passage"]
+
+
+def test_a_pack_exported_and_imported_answers_the_same_and_bad_files_are_refused(trained, tmp_path):
+    import zipfile
+
+    service, _, _ = trained
+    path = service.export_pack("me", tmp_path / "me.zip")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    assert "pack.json" in names and "adapter/adapter_model.safetensors" in names
+    assert not any("slots" in n for n in names)  # source ids mean nothing in another library
+    info = service.import_pack(path, name="me-copy")
+    assert info["active_version"] == 1 and info["mode"] == "engram"
+    original = service.chat("Where do I live?", options=SHORT, pack="me", save=False)
+    copy = service.chat("Where do I live?", options=SHORT, pack="me-copy", save=False)
+    assert copy.reply == original.reply and [t.to_json() for t in copy.traces] == [t.to_json() for t in original.traces]
+    assert service.provenance("me-copy", [copy.traces[0].memory[0].slots[0].row]) == {
+        copy.traces[0].memory[0].slots[0].row: []}
+    with pytest.raises(EngramError, match="exists already"):
+        service.import_pack(path, name="me-copy")
+
+    def bad(name: str, members: dict) -> str:
+        target = tmp_path / name
+        with zipfile.ZipFile(target, "w") as archive:
+            for member, data in members.items():
+                archive.writestr(member, data)
+        with pytest.raises(EngramError) as caught:
+            service.import_pack(target, name="bad")
+        return str(caught.value)
+
+    with zipfile.ZipFile(path) as archive:
+        manifest, weights = archive.read("pack.json"), archive.read("adapter/adapter_model.safetensors")
+        config = archive.read("adapter/adapter_config.json")
+    assert "holds files a pack never has" in bad("slip.zip", {"pack.json": manifest, "../../evil.json": b"{}"})
+    assert "holds files a pack never has" in bad("pickle.zip", {"pack.json": manifest, "adapter/model.pt": b"x"})
+    assert "no pack.json" in bad("nomanifest.zip", {"adapter/adapter_config.json": config})
+    assert "not valid JSON" in bad("json.zip", {"pack.json": b"{", "adapter/adapter_config.json": config})
+    broken = config.replace(b'"fingerprint"', b'"fingerprint_"') if b'"fingerprint"' in config else b"{}"
+    assert "does not load" in bad("wrongbase.zip", {"pack.json": manifest, "adapter/adapter_config.json": broken,
+                                                    "adapter/adapter_model.safetensors": weights})
+    (tmp_path / "plain.zip").write_text("not a zip")
+    with pytest.raises(EngramError, match="not a pack file"):
+        service.import_pack(tmp_path / "plain.zip")
+    assert "bad" not in [p["name"] for p in service.packs()]
+    assert not (service.settings.home / "packs" / "bad").exists()

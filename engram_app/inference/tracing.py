@@ -32,19 +32,22 @@ class TraceArrays:
     gate: np.ndarray  # [L, N]
     score: np.ndarray  # [L, N]
     ratio: np.ndarray  # [L, N]
+    start: int = 0  # the first position of the reply (the prompt comes before it)
 
     def to_bytes(self) -> bytes:
         row_type = np.int32 if self.rows.size == 0 or int(self.rows.max()) < 2**31 else np.int64
         tensors = {"ids": self.ids.astype(np.int32), "layers": np.asarray(self.layers, dtype=np.int32),
                    "rows": self.rows.astype(row_type), "gate": self.gate.astype(np.float16),
-                   "score": self.score.astype(np.float16), "ratio": self.ratio.astype(np.float16)}
+                   "score": self.score.astype(np.float16), "ratio": self.ratio.astype(np.float16),
+                   "start": np.asarray([self.start], dtype=np.int32)}
         return zlib.compress(st_save(tensors), 6)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TraceArrays:
         t = st_load(zlib.decompress(data))
+        start = int(t["start"][0]) if "start" in t else 0  # traces stored before the field existed: 0
         return cls(t["ids"].astype(np.int64), t["layers"].tolist(), t["rows"].astype(np.int64),
-                   t["gate"].astype(np.float32), t["score"].astype(np.float32), t["ratio"].astype(np.float32))
+                   t["gate"].astype(np.float32), t["score"].astype(np.float32), t["ratio"].astype(np.float32), start)
 
     def tokens(self, memory: EngramModel, tokenizer, start: int = 0, end: int | None = None) -> list[TokenTrace]:
         """Per-token reports for positions ``start..end`` (the n-gram texts come from the ids)."""
@@ -76,7 +79,7 @@ class Recorder:
         first, traces = self.calls[-1]
         return first + next(iter(traces.values())).rows.shape[1]
 
-    def arrays(self, ids: list[int]) -> TraceArrays:
+    def arrays(self, ids: list[int], start: int = 0) -> TraceArrays:
         layers = self.memory.layer_ids
         n = self.covered()
         width = len(self.memory.layout.slot_names())
@@ -90,4 +93,4 @@ class Recorder:
                 gate[i, first:first + steps] = t.gate[0].numpy()
                 score[i, first:first + steps] = t.score[0].numpy()
                 ratio[i, first:first + steps] = t.ratio[0].numpy()
-        return TraceArrays(np.asarray(ids[:n], dtype=np.int64), list(layers), rows, gate, score, ratio)
+        return TraceArrays(np.asarray(ids[:n], dtype=np.int64), list(layers), rows, gate, score, ratio, start)

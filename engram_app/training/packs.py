@@ -94,7 +94,7 @@ class PackStore:
     # --- packs --------------------------------------------------------------------------------
 
     def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
-               collections: list[str] | None = None, mode: str = "engram") -> dict:
+               collections: list[str] | None = None, mode: str = "engram", config: PackConfig | None = None) -> dict:
         if not NAME.match(name or ""):
             raise EngramError(f"Invalid pack name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
                               "letter or digit.")
@@ -104,7 +104,7 @@ class PackStore:
             raise EngramError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
         if self.db["packs"].count_where("name = ?", [name]):
             raise EngramError(f"A pack named {name!r} exists already.")
-        config = PackConfig(preset=size, mode=mode, engram=PRESETS[size].engram_config().to_dict())
+        config = config or PackConfig(preset=size, mode=mode, engram=PRESETS[size].engram_config().to_dict())
         with self.db.atomic():
             self.db["packs"].insert({
                 "name": name, "base_model": base_model or "default", "config": json.dumps(asdict(config)),

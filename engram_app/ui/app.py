@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import gradio as gr
 from engram_app.service import Service
 from engram_app.settings import DEFAULT_HOST, Settings
 from engram_app.ui.chat_tab import build_chat_tab
+from engram_app.ui.inspect_tab import build_inspect_tab
 from engram_app.ui.library_tab import _source_rows, build_library_tab
 from engram_app.ui.train_tab import build_train_tab
 
@@ -26,13 +28,21 @@ THEME = gr.themes.Soft(
 
 
 def status_markdown(service: Service) -> str:
+    """The status line: model, device (and GPU memory in use), and the training worker's state."""
     status = service.status()
     if status["device"] is None:
         return f"Model **{status['model']}** is loading..."
-    return (
-        f"Model **{status['model']}** on **{status['device']}**, loaded in {status['load_seconds']:.2f} s. "
-        "No memory attached yet: this is the base model."
-    )
+    line = f"Model **{status['model']}** on **{status['device']}**, loaded in {status['load_seconds']:.2f} s"
+    if status.get("gpu_memory"):
+        line += f" ({status['gpu_memory']} in use)"
+    worker = service.worker()
+    if not worker["alive"]:
+        line += ". Training worker: stopped (starts when you train)."
+    elif worker.get("job"):
+        line += f". Training worker: running job {worker['job']}."
+    else:
+        line += f". Training worker: {worker['state'] or 'idle'}."
+    return line
 
 
 def build_app(service: Service) -> gr.Blocks:
@@ -43,16 +53,34 @@ def build_app(service: Service) -> gr.Blocks:
                 "<span>Engram Studio</span></div>",
             )
         status = gr.Markdown(elem_id="status")
-        with gr.Tabs():
-            with gr.Tab("Chat", id="chat-tab"):
-                build_chat_tab(service)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat-tab") as chat_tab:
+                refresh_chat, chat_pack, chat_conversations, inspect_button, last_reply = build_chat_tab(service)
             with gr.Tab("Library", id="library-tab"):
                 sources, query, source_status = build_library_tab(service)
             with gr.Tab("Memory & training", id="train-tab"):
                 refresh_packs, pack_choice, packs_table = build_train_tab(service)
+            with gr.Tab("Inspect", id="inspect-tab") as inspect_tab:
+                refresh_inspect, inspect_pack, inspect_reply, _, inspect_outputs, run_inspect = build_inspect_tab(service)
         app.load(lambda: status_markdown(service), None, status, api_visibility="private")
+        gr.Timer(5.0).tick(lambda: status_markdown(service), None, status, api_visibility="private",
+                           show_progress="hidden")
         app.load(lambda q, st: _source_rows(service, q, st), [query, source_status], sources, api_visibility="private")
         app.load(refresh_packs, pack_choice, [packs_table, pack_choice], api_visibility="private")
+        app.load(refresh_chat, chat_pack, [chat_pack, chat_conversations], api_visibility="private")
+        app.load(refresh_inspect, [inspect_pack, inspect_reply], [inspect_pack, inspect_reply], api_visibility="private")
+        chat_tab.select(refresh_chat, chat_pack, [chat_pack, chat_conversations], api_visibility="private")
+        inspect_tab.select(refresh_inspect, [inspect_pack, inspect_reply], [inspect_pack, inspect_reply],
+                           api_visibility="private")
+
+        def inspect_last(message_id: int | None):
+            """Chat's "Inspect last reply": open the Inspect tab on that reply."""
+            if message_id is None:
+                raise gr.Error("The last reply has no memory trace (it was generated without a memory).")
+            _, reply_update = refresh_inspect(None, message_id)
+            return (gr.Tabs(selected="inspect-tab"), reply_update, *run_inspect(message_id, None, None))
+
+        inspect_button.click(inspect_last, last_reply, [tabs, inspect_reply, *inspect_outputs], api_visibility="private")
     return app
 
 
@@ -67,6 +95,15 @@ def launch(settings: Settings) -> None:
         print("Training jobs are waiting: started the worker to run them.", flush=True)
     if settings.host != DEFAULT_HOST:
         log.warning("Binding to %s: the app is reachable from other machines on that network.", settings.host)
+        if not settings.password:
+            print(f"Warning: the app listens on {settings.host} without a password: anyone on that network can read "
+                  "your library and chat. Set ENGRAM_PASSWORD (or --password) to ask for one.", flush=True)
+    auth = None
+    if settings.password:
+        expected = settings.password.encode()
+
+        def auth(_user: str, password: str) -> bool:  # any user name; the password compared in constant time
+            return hmac.compare_digest(password.encode(), expected)
     app = build_app(service)
     app.queue(default_concurrency_limit=1).launch(
         server_name=settings.host,
@@ -80,4 +117,6 @@ def launch(settings: Settings) -> None:
         show_error=True,
         max_file_size="50mb",
         favicon_path=ASSETS / "logo.svg",
+        auth=auth,
+        auth_message="Engram Studio asks for the password it was started with." if auth else None,
     )

@@ -14,6 +14,7 @@ import gradio as gr
 from engram_app.errors import EngramError
 from engram_app.service import Service
 
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "assets" / "examples"
 SOURCE_COLUMNS = ["id", "title", "kind", "format", "collection", "size (kB)", "chunks", "status", "error"]
 RESULT_COLUMNS = ["file", "result", "details"]
 
@@ -34,6 +35,8 @@ def build_library_tab(service: Service):
                                info="auto: recognised from their content", elem_id="library-kind")
             collection = gr.Textbox(value="default", label="Collection", elem_id="library-collection")
             start = gr.Button("Import", variant="primary", elem_id="library-import")
+            examples = gr.Button("Add the example files", elem_id="library-examples",
+                                 visible=EXAMPLES.is_dir())
     results = gr.Dataframe(headers=RESULT_COLUMNS, value=[], label="What became of each file", interactive=False,
                            wrap=True, elem_id="library-results")
     with gr.Row():
@@ -97,8 +100,13 @@ def build_library_tab(service: Service):
         gr.Info(f"Deleted source {data['id']} ({data['title']}): its text, chunks and original file are gone.")
         return _source_rows(service, q, st), ""
 
+    def do_examples(how: str, where: str, q: str, st: str, progress=gr.Progress()):
+        files = sorted(str(p) for p in EXAMPLES.iterdir() if p.suffix in (".md", ".json") and p.name != "README.md")
+        return do_import(files, how, where, q, st, progress)
+
     refresh = lambda q, st: _source_rows(service, q, st)  # noqa: E731
     start.click(do_import, [drop, kind, collection, query, status], [results, table, drop], api_name="ingest")
+    examples.click(do_examples, [kind, collection, query, status], [results, table, drop], api_visibility="private")
     query.change(refresh, [query, status], table, api_visibility="private")
     status.change(refresh, [query, status], table, api_visibility="private")
     open_button.click(do_open, source_id, content, api_name="show_source")

@@ -7,6 +7,9 @@ process, never in an event handler.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import gradio as gr
 import pandas as pd
 
@@ -90,6 +93,15 @@ def build_train_tab(service: Service):
             size = gr.Dropdown(list(PRESETS), value="medium", label="Size", info=PRESET_HELP)
             mode = gr.Dropdown(["engram", "lora", "engram+lora"], value="engram", label="What trains")
             create = gr.Button("Create", elem_id="pack-create")
+    with gr.Accordion("Export or import a pack", open=False, elem_id="pack-transfer-box"):
+        with gr.Row():
+            with gr.Column():
+                export = gr.Button("Export the chosen pack's active version", elem_id="pack-export")
+                exported = gr.File(label="Pack file", interactive=False, elem_id="pack-exported")
+            with gr.Column():
+                upload = gr.File(label="A pack file (.zip) to import", file_types=[".zip"], elem_id="pack-upload")
+                import_name = gr.Textbox(label="Name for the imported pack (default: its own)", elem_id="pack-import-name")
+                do_import_button = gr.Button("Import", elem_id="pack-import")
     with gr.Row():
         pack = gr.Dropdown([], label="Pack", elem_id="train-pack", scale=2, allow_custom_value=False)
         budget = gr.Dropdown(list(BUDGETS), value="quick (2 min)", label="Preset", scale=1)
@@ -101,6 +113,7 @@ def build_train_tab(service: Service):
             max_steps = gr.Number(label="Max steps (0: from epochs)", value=0, precision=0, elem_id="train-max-steps")
             lr = gr.Number(label="Learning rate", value=TrainOptions().lr)
             evaluate = gr.Checkbox(label="Evaluate at the end", value=True, elem_id="train-evaluate")
+    runs = gr.Dropdown([], value=None, label="Runs of this pack (newest first)", elem_id="train-runs")
     job_id = gr.State(None)
     plotted = gr.State(None)
     progress = gr.Markdown("No training job yet.", elem_id="train-progress")
@@ -135,7 +148,7 @@ def build_train_tab(service: Service):
             job = service.train(p, options)
         except EngramError as exc:
             raise gr.Error(str(exc)) from None
-        return job["id"]
+        return job["id"], run_choices(p, job["id"])
 
     def latest_job(current: int | None, p: str | None) -> dict | None:
         if current is not None:
@@ -154,6 +167,35 @@ def build_train_tab(service: Service):
         plot = gr.skip() if frame is None or frame.empty else frame
         return _job_text(job), plot, text, _version_rows(service, p), _pack_rows(service), key
 
+    def run_choices(p: str | None, current: int | None = None):
+        jobs = [j for j in service.jobs(limit=200) if j["pack"] == p] if p else []
+        choices = [(f"job {j['id']}: {j['status']}, step {j['step']}/{j['total_steps'] or '?'}, {j['created'][:16]}",
+                    j["id"]) for j in jobs]
+        return gr.update(choices=choices, value=current if current in [c for _, c in choices] else None)
+
+    def do_export(p: str | None):
+        if not p:
+            raise gr.Error("Choose a pack to export.")
+        try:
+            info = service.pack(p)
+            if not info["active_version"]:
+                raise EngramError(f"Pack {p!r} has no trained version yet: train it before exporting it.")
+            folder = Path(tempfile.mkdtemp(prefix="engram-export-"))
+            return str(service.export_pack(p, folder / f"{p}-v{info['active_version']}.zip"))
+        except EngramError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def do_import(file: str | None, n: str | None):
+        if not file:
+            raise gr.Error("Drop a pack file (.zip) first.")
+        try:
+            info = service.import_pack(file, (n or "").strip() or None)
+        except EngramError as exc:
+            raise gr.Error(str(exc)) from None
+        gr.Info(f"Imported pack {info['name']} at version {info['active_version']}.")
+        names = [p["name"] for p in service.packs()]
+        return _pack_rows(service), gr.update(choices=names, value=info["name"]), None
+
     def do_cancel(current: int | None, p: str | None):
         job = latest_job(current, p)
         if job is None or job["status"] not in ("queued", "running", "interrupted"):
@@ -171,10 +213,14 @@ def build_train_tab(service: Service):
         return _version_rows(service, p), _pack_rows(service)
 
     create.click(do_create, [name, size, mode], [packs_table, pack], api_name="create_pack")
-    start.click(do_start, [pack, budget, full, max_steps, lr, evaluate], job_id, api_name="train")
+    start.click(do_start, [pack, budget, full, max_steps, lr, evaluate], [job_id, runs], api_name="train")
+    export.click(do_export, pack, exported, api_name="export_pack")
+    do_import_button.click(do_import, [upload, import_name], [packs_table, pack, upload], api_name="import_pack")
+    runs.input(lambda j: (j, None), runs, [job_id, plotted], api_visibility="private")
     cancel.click(do_cancel, [job_id, pack], None, api_name="cancel_job")
     rollback.click(do_rollback, [pack, version], [versions, packs_table], api_name="rollback")
-    pack.change(lambda p: (None, _version_rows(service, p)), pack, [job_id, versions], api_visibility="private")
+    pack.change(lambda p: (None, _version_rows(service, p), run_choices(p)), pack, [job_id, versions, runs],
+                api_visibility="private")
     timer = gr.Timer(1.0)
     timer.tick(poll, [job_id, pack, plotted], [progress, loss_plot, log, versions, packs_table, plotted],
                api_visibility="private", show_progress="hidden")
