@@ -199,7 +199,10 @@ def choose(page, dropdown: str, option: str) -> None:
 
 
 def ask(page, question: str, memory: bool) -> str:
-    """Send a chat message with memory on or off; the finished reply."""
+    """Send a chat message with memory on or off, in a new conversation; the finished reply."""
+    page.click("#chat-clear")
+    page.wait_for_function("() => document.querySelectorAll(\"#chat .message.bot, #chat [data-testid='bot']\")"
+                           ".length === 0", timeout=30_000)
     box = page.locator("#chat-memory input")
     if box.is_checked() != memory:
         box.click()
@@ -221,7 +224,7 @@ def ask(page, question: str, memory: bool) -> str:
     return text
 
 
-def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str) -> dict:
+def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str, evaluate: bool = True) -> dict:
     """The whole job in the browser: drop files, train (reloading mid-job), chat with memory on and off, inspect.
 
     Returns what the test asserts on: the two replies and the inspector's views.
@@ -252,8 +255,11 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: s
     page.fill("#pack-name textarea, #pack-name input", pack)
     page.click("#pack-create")
     page.wait_for_function(f"() => {text_of('#packs-table')}.includes('{pack}')", timeout=30_000)
+    choose(page, "#train-budget", "thorough")  # the step count decides, not the 2-minute budget
     page.get_by_text("Advanced options").click()
     page.fill("#train-max-steps input", str(steps))
+    if not evaluate:
+        page.click("#train-evaluate input")
     page.click("#train-start")
     page.wait_for_function(f"() => /step [1-9]/.test({text_of('#train-progress')}) || "
                            f"{text_of('#train-progress')}.includes('done')", timeout=300_000)
@@ -332,8 +338,22 @@ def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(app_url, b
     """The same flow on SmolLM2: with memory on, the reply uses a fact from the profile; off, it does not."""
     url, _ = app_url
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    view = memory_flow(page, url, tmp_path, pack="maya", steps=40, prefix="bundled")
+    view = memory_flow(page, url, tmp_path, pack="maya", steps=40, prefix="bundled", evaluate=False)
     print("memory off:", view["off"], "| memory on:", view["on"])
     check_flow(view)
     assert "Pixel" in view["on"] and "Pixel" not in view["off"]
     assert "running" in view["after_reload"] or "done" in view["after_reload"]
+
+
+def test_the_password_option_keeps_the_app_closed_without_it(tiny_model_dir, tmp_path):
+    import httpx
+
+    with running_app(tmp_path / "home", tmp_path / "app.log", model=str(tiny_model_dir),
+                     env={"ENGRAM_PASSWORD": "correct horse"}) as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("config").status_code == 401  # nothing of the app without the password
+            assert client.post("login", data={"username": "me", "password": "wrong"}).status_code >= 400
+            assert client.get("config").status_code == 401
+            assert client.post("login", data={"username": "me", "password": "correct horse"}).status_code == 200
+            assert client.get("config").status_code == 200
+    assert "correct horse" not in (tmp_path / "app.log").read_text()

@@ -201,6 +201,11 @@ def test_a_pack_exported_and_imported_answers_the_same_and_bad_files_are_refused
         copy.traces[0].memory[0].slots[0].row: []}
     with pytest.raises(EngramError, match="exists already"):
         service.import_pack(path, name="me-copy")
+    common = ["--home", str(service.settings.home), "--model", service.settings.model]
+    out = CliRunner().invoke(cli, ["pack", "export", *common, "me", "-o", str(tmp_path / "cli.zip")])
+    assert out.exit_code == 0 and (tmp_path / "cli.zip").is_file(), out.output
+    out = CliRunner().invoke(cli, ["pack", "import", *common, str(tmp_path / "cli.zip"), "--name", "me-cli", "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["active_version"] == 1, out.output
 
     def bad(name: str, members: dict) -> str:
         target = tmp_path / name

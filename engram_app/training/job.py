@@ -99,11 +99,16 @@ class JobRunner:
         trainer = Trainer(adapted, tokenizer, examples, options, on_step=self._on_step, should_stop=self.should_stop,
                           checkpoint_dir=checkpoint)
         sample = random.Random(options.seed).sample(new, min(SAMPLE, len(new))) if new else []
-        retention = retention_examples(adapted, tokenizer, self.packs.folder(pack["name"]) / "retention.json")
+        # The retention texts are the base model's own replies, generated once per pack: only when evaluating.
+        retention = (retention_examples(adapted, tokenizer, self.packs.folder(pack["name"]) / "retention.json")
+                     if options.evaluate else [])
         if resuming:
             trainer.load_optimizer(checkpoint)
             self.queue.forget_metrics_after(self.job_id, trainer.step)
             self.say(f"resuming from the checkpoint at step {trainer.step} of {trainer.total}")
+        elif not options.evaluate:
+            trainer.extra = {}
+            trainer.save_checkpoint()
         else:
             self.say("measuring before training")
             with adapted.off():

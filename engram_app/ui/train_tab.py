@@ -104,7 +104,7 @@ def build_train_tab(service: Service):
                 do_import_button = gr.Button("Import", elem_id="pack-import")
     with gr.Row():
         pack = gr.Dropdown([], label="Pack", elem_id="train-pack", scale=2, allow_custom_value=False)
-        budget = gr.Dropdown(list(BUDGETS), value="quick (2 min)", label="Preset", scale=1)
+        budget = gr.Dropdown(list(BUDGETS), value="quick (2 min)", label="Preset", scale=1, elem_id="train-budget")
         full = gr.Checkbox(label="Retrain from scratch", value=False, scale=1)
         start = gr.Button("Train", variant="primary", elem_id="train-start", scale=1)
         cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel", scale=1)
