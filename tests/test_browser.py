@@ -224,7 +224,8 @@ def ask(page, question: str, memory: bool) -> str:
     return text
 
 
-def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str, evaluate: bool = True) -> dict:
+def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str, evaluate: bool = True,
+                compare: bool = False) -> dict:
     """The whole job in the browser: drop files, train (reloading mid-job), chat with memory on and off, inspect.
 
     Returns what the test asserts on: the two replies and the inspector's views.
@@ -282,6 +283,15 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: s
     on = ask(page, "What is my dog called?", memory=True)
     page.wait_for_function("() => !document.querySelector('#chat-inspect')?.disabled", timeout=30_000)
     assert "What is my dog called?" in page.locator("#chat-conversations input").input_value()
+    compared = None
+    if compare:  # the same question three ways: memory on, memory off, retrieval
+        page.locator("#compare-box").get_by_text("Compare: memory on").click()
+        page.fill("#compare-input textarea", "What is my dog called?")
+        page.click("#compare-run")
+        page.wait_for_function("() => ['#compare-on', '#compare-off', '#compare-rag'].every(id => "
+                               "(document.querySelector(id + ' textarea')?.value || '').length > 3)", timeout=120_000)
+        page.wait_for_timeout(2000)
+        compared = [page.locator(f"{box} textarea").input_value() for box in ("#compare-on", "#compare-off", "#compare-rag")]
     shot(page, f"{prefix}-chat")
 
     # Inspect: the last reply, then a text from the hostile file; select a token, see its slots and sources.
@@ -304,7 +314,7 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: s
         "sources": page.locator("#inspect-sources").inner_text(), "details": page.locator("#inspect-details").inner_text(),
         "injected": page.locator("#inspect-strip img, #inspect-sources img, #inspect-sources script, "
                                  "#inspect-strip script").count(),
-        "title": page.title(),
+        "title": page.title(), "compared": compared,
     }
     shot(page, f"{prefix}-inspect")
     return view
@@ -329,9 +339,11 @@ def tiny_app(tiny_model_dir, tmp_path_factory):
 def test_the_whole_flow_in_the_browser_with_the_tiny_model(tiny_app, browser, tmp_path):
     """Drop files -> train (reload mid-job) -> chat with memory on and off -> inspect a token's slots and sources."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    view = memory_flow(page, tiny_app, tmp_path, pack="flow", steps=300, prefix="tiny")
+    view = memory_flow(page, tiny_app, tmp_path, pack="flow", steps=300, prefix="tiny", compare=True)
     check_flow(view)
     assert view["on"] != view["off"]  # a trained memory changes the (random) tiny model's reply
+    on, off, retrieval = view["compared"]
+    assert on == view["on"] and off and retrieval  # greedy: the compare view's memory answer is the chat's
 
 
 def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(app_url, browser, tmp_path):

@@ -69,6 +69,15 @@ def _job_text(job: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _bar_html(job: dict | None) -> str:
+    """The progress bar: numbers only (nothing from a user's files reaches this HTML)."""
+    if job is None or not job["total_steps"]:
+        return ""
+    share = max(0.0, min(1.0, int(job["step"]) / int(job["total_steps"])))
+    return (f'<div class="train-bar" role="progressbar" aria-valuenow="{int(job["step"])}" aria-valuemin="0" '
+            f'aria-valuemax="{int(job["total_steps"])}"><div style="width: {share * 100:.1f}%"></div></div>')
+
+
 def _loss_frame(service: Service, job: dict | None) -> pd.DataFrame:
     if job is None:  # typed even when empty: an untyped empty column makes the chart's colour scale numeric
         return pd.DataFrame({"step": pd.Series([], dtype="int64"), "loss": pd.Series([], dtype="float64"),
@@ -113,10 +122,11 @@ def build_train_tab(service: Service):
             max_steps = gr.Number(label="Max steps (0: from epochs)", value=0, precision=0, elem_id="train-max-steps")
             lr = gr.Number(label="Learning rate", value=TrainOptions().lr)
             evaluate = gr.Checkbox(label="Evaluate at the end", value=True, elem_id="train-evaluate")
-    runs = gr.Dropdown([], value=None, label="Runs of this pack (newest first)", elem_id="train-runs")
+    runs = gr.Dropdown([], value=None, label="Runs of this pack, newest first (none chosen: the latest)", elem_id="train-runs")
     job_id = gr.State(None)
     plotted = gr.State(None)
     progress = gr.Markdown("No training job yet.", elem_id="train-progress")
+    bar = gr.HTML("", elem_id="train-bar")
     loss_plot = gr.LinePlot(x="step", y="loss", color="curve", color_map={"raw": "#a5b4fc", "smoothed": "#4f46e5"},
                             title="Loss", height=260, elem_id="train-loss")
     log = gr.Textbox(label="Log", lines=6, max_lines=6, interactive=False, elem_id="train-log")
@@ -165,7 +175,7 @@ def build_train_tab(service: Service):
         # an empty one (reproduced in isolation), so the chart keeps its last curve until points come.
         frame = None if key == plotted else _loss_frame(service, job)
         plot = gr.skip() if frame is None or frame.empty else frame
-        return _job_text(job), plot, text, _version_rows(service, p), _pack_rows(service), key
+        return _job_text(job), _bar_html(job), plot, text, _version_rows(service, p), _pack_rows(service), key
 
     def run_choices(p: str | None, current: int | None = None):
         jobs = [j for j in service.jobs(limit=200) if j["pack"] == p] if p else []
@@ -222,6 +232,6 @@ def build_train_tab(service: Service):
     pack.change(lambda p: (None, _version_rows(service, p), run_choices(p)), pack, [job_id, versions, runs],
                 api_visibility="private")
     timer = gr.Timer(1.0)
-    timer.tick(poll, [job_id, pack, plotted], [progress, loss_plot, log, versions, packs_table, plotted],
+    timer.tick(poll, [job_id, pack, plotted], [progress, bar, loss_plot, log, versions, packs_table, plotted],
                api_visibility="private", show_progress="hidden")
     return refresh_packs, pack, packs_table
