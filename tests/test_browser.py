@@ -225,7 +225,7 @@ def ask(page, question: str, memory: bool) -> str:
 
 
 def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str, evaluate: bool = True,
-                compare: bool = False) -> dict:
+                compare: bool = False, export: bool = False) -> dict:
     """The whole job in the browser: drop files, train (reloading mid-job), chat with memory on and off, inspect.
 
     Returns what the test asserts on: the two replies and the inspector's views.
@@ -275,6 +275,19 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: s
     assert "version 1 written and active" in page.locator("#train-log textarea").input_value()
     page.wait_for_timeout(1500)  # let the loss chart draw
     shot(page, f"{prefix}-training")
+    if export:  # export the version as a file, download it, and import it as a second pack
+        page.locator("#pack-transfer-box").get_by_text("Export or import a pack").click()
+        page.click("#pack-export")
+        link = page.locator("#pack-exported a[href]").first
+        link.wait_for(timeout=60_000)
+        data = page.request.get(link.get_attribute("href")).body()
+        exported = tmp_path / "exported.zip"
+        exported.write_bytes(data)
+        page.set_input_files("#pack-upload input[type=file]", str(exported))
+        page.wait_for_function(f"() => {text_of('#pack-upload')}.includes('exported.zip')", timeout=60_000)
+        page.fill("#pack-import-name textarea, #pack-import-name input", f"{pack}-copy")
+        page.click("#pack-import")
+        page.wait_for_function(f"() => {text_of('#packs-table')}.includes('{pack}-copy')", timeout=60_000)
 
     # Chat: the same question with memory off, then on (the reply Inspect opens is the last one).
     page.get_by_role("tab", name="Chat").click()
@@ -339,7 +352,7 @@ def tiny_app(tiny_model_dir, tmp_path_factory):
 def test_the_whole_flow_in_the_browser_with_the_tiny_model(tiny_app, browser, tmp_path):
     """Drop files -> train (reload mid-job) -> chat with memory on and off -> inspect a token's slots and sources."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    view = memory_flow(page, tiny_app, tmp_path, pack="flow", steps=300, prefix="tiny", compare=True)
+    view = memory_flow(page, tiny_app, tmp_path, pack="flow", steps=300, prefix="tiny", compare=True, export=True)
     check_flow(view)
     assert view["on"] != view["off"]  # a trained memory changes the (random) tiny model's reply
     on, off, retrieval = view["compared"]

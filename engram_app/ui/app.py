@@ -115,7 +115,9 @@ def launch(settings: Settings) -> None:
         footer_links=[],
         ssr_mode=False,
         show_error=True,
-        max_file_size="50mb",
+        # Pack files reach ~0.6 GB (the large preset); the library refuses files over its own limit
+        # (Settings.max_upload_bytes, 50 MB) with a reason after the upload.
+        max_file_size="1gb",
         favicon_path=ASSETS / "logo.svg",
         auth=auth,
         auth_message="Engram Studio asks for the password it was started with." if auth else None,
