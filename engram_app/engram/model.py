@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -111,7 +111,7 @@ class EngramModel(nn.Module):
     """
 
     def __init__(self, base_model: nn.Module, tokenizer, config: EngramConfig | None = None,
-                 table: TableStorage | None = None):
+                 table: TableStorage | Callable[[int, int], TableStorage] | None = None):
         super().__init__()
         self.config = config = config or EngramConfig()
         object.__setattr__(self, "base_model", base_model)  # not a submodule: its weights are not ours
@@ -138,6 +138,11 @@ class EngramModel(nn.Module):
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
 
         hidden = base_model.config.hidden_size
+        if callable(table) and not isinstance(table, nn.Module):  # a factory: (rows, dim) -> TableStorage
+            table = table(self.layout.total_rows, config.head_dim)
+        if table is not None and (table.num_rows, table.dim) != (self.layout.total_rows, config.head_dim):
+            raise EngramAttachError(f"The table has {table.num_rows} x {table.dim} rows; this configuration addresses "
+                                    f"{self.layout.total_rows} x {config.head_dim}.")
         self.table = table or EmbeddingTable(self.layout.total_rows, config.head_dim, config.init_std)
         self.blocks = nn.ModuleDict({
             str(layer): EngramBlock(hidden, config.memory_width, config.kernel_size, config.dilation, config.use_conv)
@@ -271,7 +276,12 @@ def _cache_length(cache) -> int:
     return 0
 
 
-def attach_engram(base_model: nn.Module, tokenizer, config: EngramConfig | None = None) -> EngramModel:
-    """Freeze ``base_model`` and attach a fresh Engram memory to it (identity at initialisation)."""
+def attach_engram(base_model: nn.Module, tokenizer, config: EngramConfig | None = None,
+                  table: TableStorage | Callable[[int, int], TableStorage] | None = None) -> EngramModel:
+    """Freeze ``base_model`` and attach a fresh Engram memory to it (identity at initialisation).
+
+    ``table``: where the rows live (default: all in memory); e.g.
+    ``lambda rows, dim: MappedTable.create(folder, rows, dim)`` for a table in a mapped file.
+    """
     base_model.requires_grad_(False)
-    return EngramModel(base_model, tokenizer, config)
+    return EngramModel(base_model, tokenizer, config, table)
