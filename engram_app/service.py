@@ -453,7 +453,8 @@ class Service:
         from engram_app.engram.io import replace_folder
         from engram_app.training import adapters
         from engram_app.training.job import model_spec
-        from engram_app.training.transfer import check_name, import_config, read_manifest, unpack_adapter
+        from engram_app.training.packs import check_name
+        from engram_app.training.transfer import import_config, read_manifest, unpack_adapter
 
         manifest, members = read_manifest(Path(path))
         store = self.packs_store()

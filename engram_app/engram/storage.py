@@ -148,7 +148,7 @@ class MappedTable(TableStorage):
         self.bits.flush()
 
     def written_rows(self) -> int:
-        return int(np.unpackbits(np.asarray(self.bits)).sum())
+        return int(np.bitwise_count(self.bits).sum(dtype=np.int64))
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1).cpu().numpy()

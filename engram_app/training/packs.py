@@ -59,6 +59,14 @@ PRESETS = {
 DEFAULT_PRESET = "medium"
 
 
+def check_name(name: str) -> str:
+    """``name`` when it can name a pack (and its folder); else a clear error."""
+    if not NAME.match(name or ""):
+        raise EngramError(f"Invalid pack name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+                          "letter or digit.")
+    return name
+
+
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -95,9 +103,7 @@ class PackStore:
 
     def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
                collections: list[str] | None = None, mode: str = "engram", config: PackConfig | None = None) -> dict:
-        if not NAME.match(name or ""):
-            raise EngramError(f"Invalid pack name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
-                              "letter or digit.")
+        check_name(name)
         if size not in PRESETS:
             raise EngramError(f"Unknown size {size!r}: choose one of {', '.join(PRESETS)}.")
         if mode not in MODES:

@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 from engram_app.errors import EngramError
-from engram_app.training.packs import MODES, NAME, PRESETS, PackConfig, PackStore, now
+from engram_app.training.packs import MODES, PRESETS, PackConfig, PackStore, now
 
 FORMAT = "engram-studio-pack"
 FORMAT_VERSION = 1
@@ -112,9 +112,3 @@ def unpack_adapter(path: Path, members: list[zipfile.ZipInfo], folder: Path) -> 
 
 def import_config(manifest: dict) -> PackConfig:
     return PackConfig(**{k: v for k, v in manifest["config"].items() if k in PackConfig.__dataclass_fields__})
-
-
-def check_name(name: str) -> str:
-    if not NAME.match(name or ""):
-        raise EngramError(f"Invalid pack name {name!r}: use 1-64 letters, digits, '_', '.' or '-'.")
-    return name

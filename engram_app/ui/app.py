@@ -61,7 +61,7 @@ def build_app(service: Service) -> gr.Blocks:
             with gr.Tab("Memory & training", id="train-tab"):
                 refresh_packs, pack_choice, packs_table = build_train_tab(service)
             with gr.Tab("Inspect", id="inspect-tab") as inspect_tab:
-                refresh_inspect, inspect_pack, inspect_reply, _, inspect_outputs, run_inspect = build_inspect_tab(service)
+                refresh_inspect, inspect_pack, inspect_reply, inspect_outputs, run_inspect = build_inspect_tab(service)
         app.load(lambda: status_markdown(service), None, status, api_visibility="private")
         gr.Timer(5.0).tick(lambda: status_markdown(service), None, status, api_visibility="private",
                            show_progress="hidden")
@@ -84,6 +84,12 @@ def build_app(service: Service) -> gr.Blocks:
     return app
 
 
+def password_check(password: str):
+    """Gradio's ``auth``: any user name, the password compared in constant time."""
+    expected = password.encode()
+    return lambda _user, given: hmac.compare_digest(given.encode(), expected)
+
+
 def launch(settings: Settings) -> None:
     """Load the model, then serve the app (blocking)."""
     service = Service(settings)
@@ -98,12 +104,7 @@ def launch(settings: Settings) -> None:
         if not settings.password:
             print(f"Warning: the app listens on {settings.host} without a password: anyone on that network can read "
                   "your library and chat. Set ENGRAM_PASSWORD (or --password) to ask for one.", flush=True)
-    auth = None
-    if settings.password:
-        expected = settings.password.encode()
-
-        def auth(_user: str, password: str) -> bool:  # any user name; the password compared in constant time
-            return hmac.compare_digest(password.encode(), expected)
+    auth = password_check(settings.password) if settings.password else None
     app = build_app(service)
     app.queue(default_concurrency_limit=1).launch(
         server_name=settings.host,

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from engram_app.errors import EngramError
 from engram_app.inference import GenerationOptions
 from engram_app.service import Service
+from engram_app.ui.errors import user_errors
 
 BASE = "base model (no memory)"
 
@@ -89,7 +89,7 @@ def build_chat_tab(service: Service):
             return
         history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield "", history, conv, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        try:
+        with user_errors():
             options = GenerationOptions(max_new_tokens=int(max_new), temperature=float(temp), top_p=float(top))
             stream = service.chat_stream(text, options=options, pack=chosen(p), memory=bool(mem),
                                          retrieval=int(k), conversation=conv)
@@ -99,8 +99,6 @@ def build_chat_tab(service: Service):
                     reply += token.delta
                     history[-1] = {"role": "assistant", "content": reply}
                     yield "", history, conv, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         result = stream.result
         if not result.reply.strip():
             history[-1] = {"role": "assistant", "content": "(the model ended its reply without writing anything)"}
@@ -114,10 +112,8 @@ def build_chat_tab(service: Service):
     def open_conversation(conv: int | None):
         if conv is None:
             return gr.skip(), gr.skip()
-        try:
+        with user_errors():
             return history_of(service, int(conv)), int(conv)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
 
     def run_compare(text: str, p: str | None, k: float, max_new: float) -> Iterator[tuple[str, str, str]]:
         text = (text or "").strip()
@@ -128,7 +124,7 @@ def build_chat_tab(service: Service):
         options = GenerationOptions(max_new_tokens=int(max_new))
         answers = ["", "", ""]
         runs = [dict(memory=True, retrieval=0), dict(memory=False, retrieval=0), dict(memory=False, retrieval=int(k))]
-        try:
+        with user_errors():
             for i, run in enumerate(runs):
                 answers[i] = "..."
                 yield tuple(answers)
@@ -139,8 +135,6 @@ def build_chat_tab(service: Service):
                 if not answers[i].strip():
                     answers[i] = "(the model ended its reply without writing anything)"
                     yield tuple(answers)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
 
     inputs = [message, chatbot, conversation, pack, memory, retrieval, max_tokens, temperature, top_p]
     outputs = [message, chatbot, conversation, last_reply, inspect, retrieved, conversations]

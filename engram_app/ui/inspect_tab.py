@@ -16,6 +16,7 @@ import pandas as pd
 
 from engram_app.errors import EngramError
 from engram_app.service import Service
+from engram_app.ui.errors import user_errors
 
 SLOT_COLUMNS = ["layer", "order", "head", "row", "n-gram"]
 SOURCE_COLUMNS = ["source", "n-gram it wrote", "slots", "times", "passage"]
@@ -35,7 +36,7 @@ def _strength(token: dict) -> float:
     return max((m["gate"] for m in token["memory"]), default=0.0)
 
 
-def _view(service: Service, report: dict):
+def _view(report: dict):
     """The outputs of an inspection: token strip, gate chart, top-slot chart, summary."""
     tokens = report["tokens"]
     strip = [(t["text"], round(_strength(t), 3)) for t in tokens]
@@ -139,21 +140,17 @@ def build_inspect_tab(service: Service):
                                elem_id="inspect-top", sort="-y", x_label_angle=-35)
 
     def run(message: int | None, p: str | None, t: str | None):
-        try:
+        with user_errors():
             result = inspect_report(service, p, message, t)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
-        strip_value, gates, top, text_summary = _view(service, result)
+        strip_value, gates, top, text_summary = _view(result)
         return result, strip_value, gates, top, text_summary, "", "", [], []
 
     def select(current: dict | None, evt: gr.SelectData):
         if current is None or evt.index is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-        try:
+        with user_errors():
             return token_details(service, current, int(index))
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
 
     outputs = [report, strip, gate_plot, slot_plot, summary, details, token_text, slots, sources]
     show_reply.click(lambda m: run(m, None, None), reply, outputs, api_name="inspect_reply")
@@ -168,4 +165,4 @@ def build_inspect_tab(service: Service):
         return (gr.update(choices=names, value=current_pack if current_pack in names else (names[0] if names else None)),
                 gr.update(choices=choices, value=current_reply if current_reply in ids else (ids[0] if ids else None)))
 
-    return refresh, pack, reply, show_reply, outputs, run
+    return refresh, pack, reply, outputs, run

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from engram_app.errors import EngramError
 from engram_app.service import Service
+from engram_app.ui.errors import user_errors
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "assets" / "examples"
 SOURCE_COLUMNS = ["id", "title", "kind", "format", "collection", "size (kB)", "chunks", "status", "error"]
@@ -60,11 +60,9 @@ def build_library_tab(service: Service):
             progress((len(done) + 1, len(paths)), desc="Importing", unit="files")
             done.append(result)
 
-        try:
+        with user_errors():
             imported = service.ingest([Path(p) for p in paths], kind=how, collection=(where or "default").strip(),
                                       progress=report)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         rows = []
         for r in imported:
             details = {
@@ -78,10 +76,8 @@ def build_library_tab(service: Service):
     def do_open(sid: float | None) -> str:
         if not sid:
             raise gr.Error("Enter the id of a source (first column of the table).")
-        try:
+        with user_errors():
             data = service.show_source(int(sid))
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         header = (f"{data['title']} [{data['kind']}/{data['format']}, {data['status']}, collection "
                   f"{data['collection']}, {data['chunks']} chunks]")
         lines = []
@@ -93,10 +89,8 @@ def build_library_tab(service: Service):
     def do_delete(sid: float | None, q: str, st: str):
         if not sid:
             raise gr.Error("Enter the id of the source to delete.")
-        try:
+        with user_errors():
             data = service.delete_source(int(sid))
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         gr.Info(f"Deleted source {data['id']} ({data['title']}): its text, chunks and original file are gone.")
         return _source_rows(service, q, st), ""
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from engram_app.errors import EngramError
 from engram_app.service import Service
+from engram_app.ui.errors import user_errors
 from engram_app.training import PRESETS, TrainOptions
 
 PACK_COLUMNS = ["pack", "mode", "size", "active version", "versions", "base model", "learns from", "warning"]
@@ -142,22 +143,18 @@ def build_train_tab(service: Service):
         return _pack_rows(service), gr.update(choices=names, value=value)
 
     def do_create(n: str, s: str, m: str):
-        try:
+        with user_errors():
             service.create_pack((n or "").strip(), size=s, mode=m)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         names = [p["name"] for p in service.packs()]
         return _pack_rows(service), gr.update(choices=names, value=n.strip())
 
     def do_start(p: str | None, b: str, f: bool, steps: float, rate: float, ev: bool):
         if not p:
             raise gr.Error("Create or choose a pack first.")
-        try:
+        with user_errors():
             options = TrainOptions(max_minutes=BUDGETS[b], max_steps=int(steps) or None, lr=float(rate), full=f,
                                    evaluate=ev)
             job = service.train(p, options)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         return job["id"], run_choices(p, job["id"])
 
     def latest_job(current: int | None, p: str | None) -> dict | None:
@@ -186,22 +183,18 @@ def build_train_tab(service: Service):
     def do_export(p: str | None):
         if not p:
             raise gr.Error("Choose a pack to export.")
-        try:
+        with user_errors():
             info = service.pack(p)
             if not info["active_version"]:
                 raise EngramError(f"Pack {p!r} has no trained version yet: train it before exporting it.")
             folder = Path(tempfile.mkdtemp(prefix="engram-export-"))
             return str(service.export_pack(p, folder / f"{p}-v{info['active_version']}.zip"))
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
 
     def do_import(file: str | None, n: str | None):
         if not file:
             raise gr.Error("Drop a pack file (.zip) first.")
-        try:
+        with user_errors():
             info = service.import_pack(file, (n or "").strip() or None)
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         gr.Info(f"Imported pack {info['name']} at version {info['active_version']}.")
         names = [p["name"] for p in service.packs()]
         return _pack_rows(service), gr.update(choices=names, value=info["name"]), None
@@ -216,10 +209,8 @@ def build_train_tab(service: Service):
     def do_rollback(p: str | None, number: float | None):
         if not p or not number:
             raise gr.Error("Choose a pack and a version number.")
-        try:
+        with user_errors():
             service.rollback(p, int(number))
-        except EngramError as exc:
-            raise gr.Error(str(exc)) from None
         return _version_rows(service, p), _pack_rows(service)
 
     create.click(do_create, [name, size, mode], [packs_table, pack], api_name="create_pack")
