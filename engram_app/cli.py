@@ -315,8 +315,9 @@ def pack() -> None:
 @pack.command("create")
 @settings_options
 @click.argument("name")
-@click.option("--size", type=click.Choice(["small", "medium", "large"]), default="medium", show_default=True,
-              help="Size preset of the memory tables (see `pack sizes`).")
+@click.option("--size", type=click.Choice(["small", "medium", "large", "xlarge", "huge"]), default="medium",
+              show_default=True, help="Size preset of the memory tables (see `pack sizes`: what each needs, and "
+                                      "whether this machine can hold it).")
 @click.option("--collections", multiple=True, help="Collections the pack learns from (repeat; default: all).")
 @click.option("--mode", type=click.Choice(["engram", "lora", "engram+lora"]), default="engram", show_default=True,
               help="What trains: the Engram memory, a LoRA adapter, or both.")
@@ -363,18 +364,18 @@ def pack_import(settings: Settings, file: Path, name: str | None, as_json: bool)
 
 
 @pack.command("sizes")
+@settings_options
 @click.option("--json", "as_json", is_flag=True)
-def pack_sizes(as_json: bool) -> None:
-    """The size presets and what each needs."""
-    from engram_app.training import PRESETS
+def pack_sizes(settings: Settings, as_json: bool) -> None:
+    """The size presets, what each needs (RAM, disk, GPU) and whether this machine can hold it."""
+    from engram_app.training.sizes import describe, summary
 
-    rows = [p.to_json() for p in PRESETS.values()]
+    rows = describe(settings.home)
     if as_json:
         click.echo(json.dumps(rows))
         return
-    for p in rows:
-        click.echo(f"{p['name']:8} {p['parameters'] / 1e6:8.1f} M parameters  {p['table_bytes'] / 2**20:8.0f} MiB  "
-                   f"{p['description']}")
+    for row in rows:
+        click.echo(("  " if row["fits"] else "x ") + summary(row))
 
 
 @cli.command()

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 from engram_app.cli import cli
 from engram_app.errors import EngramError
+from engram_app.inference import GenerationOptions
 from engram_app.service import Service
 from engram_app.settings import Settings
 from engram_app.training import JobQueue, TrainOptions
@@ -212,6 +213,63 @@ def test_incremental_training_keeps_what_the_first_job_taught(service, tmp_path)
     assert service.evaluate("me", PROBES_A)["summary"]["memory_on"]["recall"] < 0.9 * first
 
 
+def file_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_pack_of_a_hundred_million_rows_trains_in_jobs_with_immutable_versions(service, tmp_path):
+    add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("big", size="xlarge")
+    assert service.pack("big")["storage"] == "mapped" and service.pack("big")["parameters"] == 3_200_000_000
+    result = run_inline(service, "big", **QUICK)
+    recall = result["evaluation"]["recall"]
+    assert recall["memory_on"]["recall"] > recall["memory_off"]["recall"]
+    v1 = Path(service.pack("big")["versions"][0]["path"])
+    meta = json.loads((v1 / "table" / "table.json").read_text())
+    assert meta["rows"] >= 10**8 and meta["base"] is None and not meta["delta"]
+    assert 0 < meta["count"] <= result["evaluation"]["rows_touched"]
+    disk = sum(p.stat().st_blocks * 512 for p in (v1 / "table").iterdir())
+    assert disk < 2 * meta["count"] * 136 + 65536  # the written rows, not the 12.8 GB table
+    before = file_bytes(v1)
+
+    add_profile(service, tmp_path, "garden.md", DOC_B)
+    assert run_inline(service, "big", **QUICK)["version"] == 2
+    assert file_bytes(v1) == before  # versions are immutable: the job wrote a new one
+    v2 = json.loads((v1.parent / "v2" / "table" / "table.json").read_text())
+    assert v2["base"] is None and v2["count"] >= meta["count"]
+    assert service.evaluate("big", PROBES_A)["summary"]["memory_on"]["recall"] == 1.0
+
+    # Rollback, export and import work as for any pack.
+    service.rollback("big", 1)
+    short = GenerationOptions(max_new_tokens=8)
+    on_v1 = service.chat("What is my dog called?", options=short, pack="big", save=False).reply
+    exported = service.export_pack("big", tmp_path / "big.zip")
+    service.import_pack(exported, "copy")
+    assert service.chat("What is my dog called?", options=short, pack="copy", save=False).reply == on_v1
+
+
+def test_a_size_the_machine_cannot_hold_is_refused_with_the_reason(service, tmp_path, monkeypatch):
+    from engram_app.training import sizes
+
+    ram = sizes.PRESETS["large"].needs()["ram_train"] - 1  # just too little for the large preset
+    machine = {"ram": ram, "disk_free": sizes.PRESETS["huge"].needs()["disk"] - 1, "gpu": None}
+    monkeypatch.setattr(sizes, "machine", lambda home: machine)
+    rows = {r["name"]: r for r in sizes.describe(tmp_path)}
+    assert rows["small"]["fits"] and rows["medium"]["fits"]
+    assert not rows["large"]["fits"] and "RAM" in rows["large"]["refusal"]
+    with pytest.raises(EngramError, match=f"needs .* GiB of RAM to train; this machine has {ram / sizes.GiB:.1f} GiB"):
+        service.create_pack("big", size="large")
+    machine["ram"] = 64 * sizes.GiB
+    assert not sizes.describe(tmp_path)[-1]["fits"]
+    with pytest.raises(EngramError, match="free disk"):
+        service.create_pack("huge", size="huge")
+    assert service.packs() == []
+    out = CliRunner().invoke(cli, ["pack", "sizes", "--home", str(tmp_path), "--json"])
+    assert out.exit_code == 0
+    data = {r["name"]: r for r in json.loads(out.output)}
+    assert set(data["xlarge"]["needs"]) >= {"ram_chat", "ram_train", "disk", "gpu"} and not data["huge"]["fits"]
+
+
 def test_a_pack_that_learned_a_deleted_source_says_so_until_a_full_retrain(service, tmp_path):
     a = add_profile(service, tmp_path, "a.md", PROFILE_A)
     add_profile(service, tmp_path, "b.md", PROFILE_B)
@@ -293,10 +351,11 @@ def test_train_wait_runs_a_job_to_the_end_with_a_worker_it_starts(service, tmp_p
     assert worker_alive(service.settings.home)  # the worker it started waits for more work
 
 
-def test_a_killed_worker_leaves_the_pack_loadable_and_the_job_resumes(service, tmp_path):
+@pytest.mark.parametrize("size", ["small", "xlarge"])
+def test_a_killed_worker_leaves_the_pack_loadable_and_the_job_resumes(service, tmp_path, size):
     home = service.settings.home
     add_profile(service, tmp_path, "a.md", PROFILE_A)
-    service.create_pack("me", size="small")
+    service.create_pack("me", size=size)
     run_inline(service, "me", max_steps=20)
     add_profile(service, tmp_path, "b.md", PROFILE_B)
     job = service.train("me", TrainOptions(max_steps=500, checkpoint_seconds=0.5), start_worker=False)
@@ -316,6 +375,9 @@ def test_a_killed_worker_leaves_the_pack_loadable_and_the_job_resumes(service, t
     view = service.job(job["id"])
     assert view["status"] == "interrupted" and view["step"] < 500
     killed_at = json.loads(checkpoint.read_text())["step"]
+    if size == "xlarge":  # a mapped table's checkpoint holds only the rows changed since version 1
+        table = json.loads((checkpoint.parent / "adapter" / "table" / "table.json").read_text())
+        assert table["delta"] and Path(table["base"]) == (home / "packs" / "me" / "v1" / "table").resolve()
     # The pack still loads, at its previous version.
     assert service.pack("me")["active_version"] == 1
     assert service.evaluate("me", PROBES_A[:1])["probes"][0]["memory_on"]["reply"] is not None

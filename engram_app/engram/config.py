@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 FORMAT_VERSION = 1
+STORAGES = ("memory", "mapped")
 
 
 @dataclass
@@ -35,6 +36,11 @@ class EngramConfig:
     init_std: float = field(default=0.02, metadata={"help": "std of the N(0, std) table initialisation (0: zeros)."})
     seed: int = field(default=0, metadata={"help": "seed of the hash multipliers (layer l uses seed + 10007*l)."})
     table_lr_scale: float = field(default=5.0, metadata={"help": "table learning rate as a multiple of the base rate."})
+    storage: str = field(
+        default="memory",
+        metadata={"help": "where the table's rows live: 'memory' (all rows in RAM or on the GPU) or 'mapped' (only "
+                          "written rows, in files mapped from disk: for tables larger than RAM)."},
+    )
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -45,6 +51,8 @@ class EngramConfig:
             raise ValueError("heads, rows_per_head and head_dim must be positive")
         if self.layers is not None:
             self.layers = sorted(set(int(x) for x in self.layers))
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {self.storage!r}")
 
     @property
     def max_order(self) -> int:

@@ -3,6 +3,8 @@
     <folder>/adapter_config.json        {"peft_type": "ENGRAM", "format_version", "engram": {...},
                                           "base_model": fingerprint, "lora": bool}
     <folder>/adapter_model.safetensors  the memory's tensors (tables, projections, norms, conv)
+    <folder>/table/                     the table's rows instead, when it is mapped from disk
+                                        (``"storage": "mapped"``; format in storage.py)
     <folder>/lora/                      a PEFT LoRA adapter, when one was trained alongside
 
 The folder is written under a temporary name and renamed into place, so an interrupted save
@@ -22,20 +24,28 @@ from safetensors.torch import load_file, save_file
 from engram_app.engram.config import FORMAT_VERSION, EngramConfig
 from engram_app.engram.model import EngramAttachError, EngramModel, base_fingerprint
 from engram_app.engram.compression import tokenizer_fingerprint
+from engram_app.engram.storage import MappedTable
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_DIR = "lora"
+TABLE_DIR = "table"
 
 
-def save_engram(memory: EngramModel, folder: str | Path, lora_model=None) -> Path:
-    """Write ``memory`` (and optionally the PEFT LoRA adapter of ``lora_model``) to ``folder``."""
+def save_engram(memory: EngramModel, folder: str | Path, lora_model=None, delta: bool = False) -> Path:
+    """Write ``memory`` (and optionally the PEFT LoRA adapter of ``lora_model``) to ``folder``.
+
+    ``delta``: a mapped table writes only the rows changed since it was opened, referring to the
+    folder it was opened from (for checkpoints; that folder must stay). In-memory tables ignore it.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in memory.state_dict().items()}
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        if isinstance(memory.table, MappedTable):
+            memory.table.save(tmp / TABLE_DIR, delta=delta)
         meta = {
             "peft_type": "ENGRAM",
             "format_version": FORMAT_VERSION,
@@ -99,7 +109,13 @@ def load_engram(base_model, tokenizer, folder: str | Path) -> EngramModel:
         )
     config = EngramConfig.from_dict(meta["engram"])
     base_model.requires_grad_(False)
-    memory = EngramModel(base_model, tokenizer, config)
+    table = None
+    if config.storage == "mapped":
+        try:
+            table = MappedTable.open(folder / TABLE_DIR)
+        except (OSError, ValueError) as exc:
+            raise EngramAttachError(f"The memory table in {folder} cannot be read: {exc}") from None
+    memory = EngramModel(base_model, tokenizer, config, table)
     tensors = load_file(folder / WEIGHTS_NAME, device=str(next(memory.parameters()).device))
     memory.load_state_dict(tensors, strict=True)
     return memory

@@ -29,7 +29,7 @@ from engram_app.engram.compression import compression_for, tokenizer_fingerprint
 from engram_app.engram.config import EngramConfig
 from engram_app.engram.hashing import TableLayout, build_layout, hash_rows, shifted_ngrams
 from engram_app.engram.layer import EngramBlock
-from engram_app.engram.storage import EmbeddingTable, TableStorage
+from engram_app.engram.storage import EmbeddingTable, MappedTable, TableStorage
 
 STATE_ATTR = "_engram_state"
 
@@ -100,6 +100,7 @@ class _Call:
     mask: torch.Tensor  # [B, T] bool
     state: DecodeState | None
     new_history: torch.Tensor
+    memory: dict[int, torch.Tensor] = field(default_factory=dict)  # rows gathered ahead of the blocks
     new_conv: dict[int, torch.Tensor] = field(default_factory=dict)
     traces: dict[int, LayerTrace] = field(default_factory=dict)
 
@@ -143,6 +144,8 @@ class EngramModel(nn.Module):
         if table is not None and (table.num_rows, table.dim) != (self.layout.total_rows, config.head_dim):
             raise EngramAttachError(f"The table has {table.num_rows} x {table.dim} rows; this configuration addresses "
                                     f"{self.layout.total_rows} x {config.head_dim}.")
+        if table is None and config.storage == "mapped":  # nothing stored yet: every row reads as initial
+            table = MappedTable(self.layout.total_rows, config.head_dim, config.init_std, seed=config.seed)
         self.table = table or EmbeddingTable(self.layout.total_rows, config.head_dim, config.init_std)
         self.blocks = nn.ModuleDict({
             str(layer): EngramBlock(hidden, config.memory_width, config.kernel_size, config.dilation, config.use_conv)
@@ -191,6 +194,12 @@ class EngramModel(nn.Module):
         keep = history.shape[1]  # max_order - 1 ids carry over to the next call
         new_history = torch.cat([history, compressed], dim=1)[:, -keep:] if keep else history
         self._call = _Call(rows=rows, mask=mask, state=state, new_history=new_history)
+        if isinstance(self.table, MappedTable):
+            # Rows read from files: gather them now, before the first block runs. The addresses
+            # depend only on the token ids, and on a GPU the copy from pinned host memory is
+            # queued without blocking the CPU.
+            for column, layer in enumerate(self.layer_ids):
+                self._call.memory[layer] = self.table.lookup(rows[:, :, column]).flatten(-2)
         return None
 
     def _make_block_hook(self, layer: int):
@@ -202,7 +211,9 @@ class EngramModel(nn.Module):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             rows = call.rows[:, :, column]  # [B, T, R]
-            memory = self.table.lookup(rows).flatten(-2)  # [B, T, R * d_h]
+            memory = call.memory.get(layer)
+            if memory is None:
+                memory = self.table.lookup(rows).flatten(-2)  # [B, T, R * d_h]
             conv_state = call.state.conv.get(layer) if call.state is not None else None
             out = self.blocks[str(layer)](hidden, memory, call.mask, conv_state, with_ratio=self._trace_sink is not None)
             if out.conv_state is not None:

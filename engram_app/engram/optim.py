@@ -4,7 +4,8 @@
   :class:`RowwiseAdam` keeps moment estimates only for rows a batch has addressed, allocated on
   first touch (with a per-row step count for bias correction, as "lazy" Adam does), so optimiser
   memory grows with the rows touched, not with the table. ``torch.optim.SparseAdam`` would keep
-  two dense tensors the size of the table.
+  two dense tensors the size of the table. It works on any table storage (in memory, or mapped
+  from disk) through the storage's row-gradient methods.
 - Everything else that trains (projections, norms, convolution, LoRA weights): AdamW at the base
   learning rate.
 """
@@ -17,14 +18,43 @@ import torch
 from torch import nn
 
 from engram_app.engram.model import EngramModel
+from engram_app.engram.storage import TableStorage, parameter_row_gradients
+
+
+class _ParameterRows:
+    """A plain [rows, dim] parameter seen as a table (for :class:`RowwiseAdam` on any weight)."""
+
+    def __init__(self, weight: nn.Parameter):
+        self.weight, self.dim = weight, weight.shape[1]
+
+    def start_recording(self) -> None:
+        pass
+
+    def row_gradients(self):
+        return parameter_row_gradients(self.weight)
+
+    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.index_add_(0, rows, delta)
+
+    def clear_row_gradients(self) -> None:
+        self.weight.grad = None
 
 
 class RowwiseAdam:
-    """Adam for a parameter with row-sparse gradients; state only for touched rows."""
+    """Adam for a table with row-sparse gradients; state only for touched rows.
 
-    def __init__(self, weight: nn.Parameter, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.weight, self.lr, self.betas, self.eps = weight, lr, betas, eps
-        dim, device = weight.shape[1], weight.device
+    ``target``: a :class:`TableStorage` (in memory or mapped) or a plain [rows, dim] parameter.
+    """
+
+    def __init__(self, target: TableStorage | nn.Parameter, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.table = target if isinstance(target, TableStorage) else _ParameterRows(target)
+        self.table.start_recording()
+        self.lr, self.betas, self.eps = lr, betas, eps
+        weights = target.sparse_parameters() if isinstance(target, TableStorage) else [target]
+        self.weight = weights[0] if weights else None
+        dim, device = self.table.dim, weights[0].device if weights else torch.device("cpu")
         self.rows = torch.empty(0, dtype=torch.long, device=device)  # sorted ids of rows with state
         self.exp_avg = torch.empty(0, dim, device=device)
         self.exp_avg_sq = torch.empty(0, dim, device=device)
@@ -32,13 +62,13 @@ class RowwiseAdam:
 
     @property
     def param_groups(self) -> list[dict]:
-        return [{"params": [self.weight], "lr": self.lr}]
+        return [{"params": [self.weight] if self.weight is not None else [], "lr": self.lr}]
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.exp_avg, self.exp_avg_sq, self.steps))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.weight.grad = None
+        self.table.clear_row_gradients()
 
     def _slots(self, ids: torch.Tensor) -> torch.Tensor:
         """State positions of ``ids`` (sorted, unique), creating zero state for new rows."""
@@ -60,17 +90,11 @@ class RowwiseAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        grad = self.weight.grad
-        if grad is None:
+        gradients = self.table.row_gradients()
+        if gradients is None or not len(gradients[0]):
             return
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            ids, values = grad.indices()[0], grad.values()
-        else:  # a dense gradient: keep the rows it touches
-            ids = grad.abs().sum(1).nonzero().flatten()
-            values = grad[ids]
-        if not len(ids):
-            return
+        ids, values = gradients
+        ids, values = ids.to(self.rows.device), values.to(self.rows.device)
         slots = self._slots(ids)
         beta1, beta2 = self.betas
         m = self.exp_avg[slots].mul_(beta1).add_(values, alpha=1 - beta1)
@@ -79,13 +103,13 @@ class RowwiseAdam:
         self.exp_avg[slots], self.exp_avg_sq[slots], self.steps[slots] = m, v, t
         m_hat = m / (1 - beta1 ** t.unsqueeze(1).float())
         v_hat = v / (1 - beta2 ** t.unsqueeze(1).float())
-        self.weight.index_add_(0, ids, -self.lr * m_hat / (v_hat.sqrt() + self.eps))
+        self.table.apply_row_update(ids, -self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
     def state_dict(self) -> dict:
         return {"rows": self.rows, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.weight.device
+        device = self.rows.device
         self.rows, self.exp_avg = state["rows"].to(device), state["exp_avg"].to(device)
         self.exp_avg_sq, self.steps = state["exp_avg_sq"].to(device), state["steps"].to(device)
 
@@ -103,8 +127,7 @@ class EngramOptimizer:
         self.optimizers: list = []
         groups = []
         if memory is not None:
-            for weight in memory.sparse_parameters():
-                self.optimizers.append(RowwiseAdam(weight, lr=lr * memory.config.table_lr_scale))
+            self.optimizers.append(RowwiseAdam(memory.table, lr=lr * memory.config.table_lr_scale))
             groups.append({"params": memory.dense_parameters(), "lr": lr})
         if extra:  # e.g. LoRA weights, at their own learning rate when given
             groups.append({"params": extra, "lr": extra_lr if extra_lr is not None else lr})

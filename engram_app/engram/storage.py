@@ -1,9 +1,13 @@
 """Where the memory's rows live. The layer only calls :meth:`TableStorage.lookup`.
 
-Keeping storage behind this small interface lets the rows move (to a memory-mapped file, to
-pinned host memory with prefetch) without touching the layer or the addressing.
-:class:`EmbeddingTable` holds every row in memory; :class:`MappedTable` keeps them in a file
-mapped into memory and reads only the rows a token addresses.
+Keeping storage behind this small interface lets the rows move without touching the layer or
+the addressing. :class:`EmbeddingTable` holds every row in memory (an ``nn.Embedding``);
+:class:`MappedTable` stores only the rows ever written, in files mapped into memory, and reads
+only the rows a token addresses, so a table of 10^9 rows opens in milliseconds on a laptop.
+
+The row optimiser (:class:`~engram_app.engram.optim.RowwiseAdam`) talks to both through three
+methods: :meth:`TableStorage.row_gradients`, :meth:`TableStorage.apply_row_update` and
+:meth:`TableStorage.clear_row_gradients`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ class TableStorage(nn.Module):
         """Parameters whose gradients are row-sparse (to be given to a sparse optimizer)."""
         raise NotImplementedError
 
+    # The row optimiser's view of a table.
+    def start_recording(self) -> None:
+        """From now on, lookups made with gradients enabled record gradients for their rows."""
+
+    def row_gradients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sorted unique row ids, their summed gradients) of the last backward pass, or None."""
+        raise NotImplementedError
+
+    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add ``delta`` [len(rows), dim] to ``rows``."""
+        raise NotImplementedError
+
+    def clear_row_gradients(self) -> None:
+        raise NotImplementedError
+
 
 class EmbeddingTable(TableStorage):
     """All rows in one ``nn.Embedding`` with sparse gradients: a step only touches the rows it read."""
@@ -54,11 +73,34 @@ class EmbeddingTable(TableStorage):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.embedding.weight]
 
+    def row_gradients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return parameter_row_gradients(self.embedding.weight)
 
-# --- rows in a memory-mapped file ---------------------------------------------------------------
+    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.embedding.weight.index_add_(0, rows, delta)
 
-MAPPED_FORMAT = "engram-mapped-table"
-MAPPED_VERSION = 1
+    def clear_row_gradients(self) -> None:
+        self.embedding.weight.grad = None
+
+
+def parameter_row_gradients(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row ids, gradient rows) of a parameter's sparse (or dense) gradient; None without one."""
+    grad = weight.grad
+    if grad is None:
+        return None
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
+    ids = grad.abs().sum(1).nonzero().flatten()  # a dense gradient: keep the rows it touches
+    return ids, grad[ids]
+
+
+# --- rows in memory-mapped files -----------------------------------------------------------------
+
+MAPPED_FORMAT = "engram-row-table"
+MAPPED_VERSION = 2
+TABLE_JSON, ROWS_FILE, VALUES_FILE = "table.json", "rows.npy", "values.npy"
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -74,8 +116,8 @@ def initial_rows(rows: np.ndarray, dim: int, std: float, seed: int) -> np.ndarra
     """The N(0, std) initial values of ``rows``, a pure function of (seed, row, column).
 
     A mapped table never stores a row it has not written: reading one computes these values, so a
-    table of 10^9 rows starts as a sparse file of zero bytes and still is not all zeros (a zero
-    table and a zero-initialised value projection would give each other zero gradients).
+    table of 10^9 rows starts as zero bytes on disk and still is not all zeros (a zero table and a
+    zero-initialised value projection would give each other zero gradients).
     """
     if std == 0:
         return np.zeros((len(rows), dim), dtype=np.float32)
@@ -90,71 +132,261 @@ def initial_rows(rows: np.ndarray, dim: int, std: float, seed: int) -> np.ndarra
     return (normal * std).astype(np.float32)
 
 
+class RowSlots:
+    """Row id -> position in append-only arrays, for a set of rows that grows (no reordering)."""
+
+    def __init__(self):
+        self.ids = np.empty(0, dtype=np.int64)  # sorted
+        self.slots = np.empty(0, dtype=np.int64)  # slot of ids[i]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """Slots of ``ids`` (-1 where absent)."""
+        if not len(self.ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, self.slots[pos], -1)
+
+    def add(self, ids: np.ndarray) -> np.ndarray:
+        """Slots of ``ids`` (unique), giving new rows the next free slots."""
+        slots = self.find(ids)
+        new = slots < 0
+        if new.any():
+            fresh = np.arange(len(self.ids), len(self.ids) + int(new.sum()), dtype=np.int64)
+            slots[new] = fresh
+            at = np.searchsorted(self.ids, ids[new])
+            self.ids = np.insert(self.ids, at, ids[new])  # O(rows) integer copy: cheap next to a step
+            self.slots = np.insert(self.slots, at, fresh)
+        return slots
+
+
 class MappedTable(TableStorage):
-    """Rows in a file mapped into memory (``numpy.memmap``): the table need not fit in RAM.
+    """Only the rows ever written, in ``.npy`` files mapped into memory: the table need not fit in RAM.
 
-    A folder holds ``table.json`` (format, rows, dim, dtype, init std and seed), ``table.f32``
-    (the rows, row-major little-endian float32, created as a sparse file) and ``written.bits``
-    (one bit per row: has it been written?). Opening maps both files and reads nothing; a lookup
-    reads only the rows it addresses, and a row never written reads as :func:`initial_rows`.
+    A stored table is a folder::
 
-    Read-only for the model for now (no sparse parameters: training writes go through
-    :meth:`write_rows`); training a mapped table in place is the next step of the
-    ultra-large-memory work.
+        table.json   {"format": "engram-row-table", "version": 2, "rows", "dim", "dtype": "float32",
+                      "init_std", "seed", "count", "delta": false, "base": null}
+                     (a checkpoint: "delta": true, "base": the version folder it extends, or null)
+        rows.npy     int64 [count], the written rows' ids, sorted, unique
+        values.npy   float32 [count, dim], their values
+
+    Opening maps both arrays and reads nothing else (``numpy.load(mmap_mode="r")``, no pickle);
+    a lookup finds its rows by binary search and reads only them; a row never written reads as
+    :func:`initial_rows`. Pack versions are written whole (``base`` null); a training checkpoint
+    stores only the rows changed since the version it started from (``base`` names it), so a
+    checkpoint costs what the job touched, not what the table holds.
+
+    Writes (:meth:`write_rows`, or training through :meth:`apply_row_update`) go to rows held in
+    RAM, never into the mapped files, which stay exactly as they were read: a version on disk is
+    never modified, and RAM grows with the rows written, not with the table.
     """
 
-    def __init__(self, folder: str | Path, writable: bool = False):
+    def __init__(self, num_rows: int, dim: int, init_std: float = 0.02, seed: int = 0,
+                 folder: str | Path | None = None):
         super().__init__()
-        self.folder = Path(folder)
-        meta = json.loads((self.folder / "table.json").read_text())
-        if meta.get("format") != MAPPED_FORMAT or meta.get("version") != MAPPED_VERSION or meta.get("dtype") != "float32":
-            raise ValueError(f"{self.folder} does not hold a mapped table of format {MAPPED_FORMAT} v{MAPPED_VERSION}.")
-        self.num_rows, self.dim = int(meta["rows"]), int(meta["dim"])
-        self.init_std, self.seed = float(meta["init_std"]), int(meta["seed"])
-        mode = "r+" if writable else "r"
-        self.data = np.memmap(self.folder / "table.f32", dtype="<f4", mode=mode, shape=(self.num_rows, self.dim))
-        self.bits = np.memmap(self.folder / "written.bits", dtype=np.uint8, mode=mode, shape=((self.num_rows + 7) // 8,))
+        self.num_rows, self.dim, self.init_std, self.seed = int(num_rows), int(dim), float(init_std), int(seed)
+        self.folder = Path(folder) if folder is not None else None
+        self.layers: list[tuple[np.ndarray, np.ndarray]] = []  # stored (ids, values), newest first
+        self.base: Path | None = None  # the table a checkpoint's rows extend
+        self.is_delta = False  # opened from a checkpoint (its folder will be replaced: never a base)
+        if self.folder is not None:
+            self._open_chain(self.folder)
+        self.changed = RowSlots()  # rows written since opening: ids -> slots of self._values
+        self._values = np.empty((0, self.dim), dtype=np.float32)
+        self._recording = False
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row ids, leaf values) read this step
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)  # follows .to(device, dtype)
 
+    # --- files ----------------------------------------------------------------------------------
+
     @classmethod
-    def create(cls, folder: str | Path, num_rows: int, dim: int, init_std: float = 0.02, seed: int = 0) -> MappedTable:
-        """A new table of ``num_rows`` x ``dim`` in ``folder``: sparse files, nothing written yet."""
+    def open(cls, folder: str | Path) -> MappedTable:
+        meta = read_table_json(folder)
+        return cls(meta["rows"], meta["dim"], meta["init_std"], meta["seed"], folder=folder)
+
+    def _open_chain(self, folder: Path) -> None:
+        seen = set()
+        while folder is not None:
+            meta = read_table_json(folder)
+            if (meta["rows"], meta["dim"]) != (self.num_rows, self.dim):
+                raise ValueError(f"{folder} holds a {meta['rows']} x {meta['dim']} table, not {self.num_rows} x {self.dim}.")
+            self.layers.append(_read_layer(folder, meta))
+            base = meta.get("base")
+            if folder == self.folder:
+                self.is_delta, self.base = bool(meta.get("delta")), Path(base) if base is not None else None
+            folder = Path(base) if base is not None else None
+            if folder is not None and folder.resolve() in seen:
+                raise ValueError(f"{folder}: a table that extends itself")
+            if folder is not None:
+                seen.add(folder.resolve())
+
+    def save(self, folder: str | Path, delta: bool = False) -> Path:
+        """Write this table's rows (as now, changes included) to the new folder ``folder``.
+
+        ``delta``: only the rows that differ from the version this table was opened from, with a
+        reference to it (for checkpoints); else every written row, self-contained (for versions).
+        Values are copied a block of rows at a time, so RAM stays small whatever the table holds.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, size in (("table.f32", num_rows * dim * 4), ("written.bits", (num_rows + 7) // 8)):
-            with open(folder / name, "wb") as f:
-                f.truncate(size)  # a hole: no disk block is used until a row is written
-        (folder / "table.json").write_text(json.dumps({
-            "format": MAPPED_FORMAT, "version": MAPPED_VERSION, "rows": num_rows, "dim": dim, "dtype": "float32",
-            "init_std": init_std, "seed": seed}, indent=2))
-        return cls(folder, writable=True)
+        folder.mkdir(parents=True)
+        if delta and self.is_delta:  # a checkpoint again: its own rows carry over, same base
+            own, base = [self.layers[0][0]], self.base
+        elif delta and self.folder is not None:  # the first checkpoint over a version
+            own, base = [], self.folder
+        else:
+            own, base = [layer[0] for layer in self.layers], None
+        ids = self.changed.ids
+        for layer_ids in own:
+            ids = np.union1d(ids, layer_ids)
+        rows = np.lib.format.open_memmap(folder / ROWS_FILE, mode="w+", dtype=np.int64, shape=(len(ids),))
+        values = np.lib.format.open_memmap(folder / VALUES_FILE, mode="w+", dtype=np.float32, shape=(len(ids), self.dim))
+        block = 1 << 18
+        for start in range(0, len(ids), block):
+            chunk = ids[start:start + block]
+            rows[start:start + len(chunk)] = chunk
+            values[start:start + len(chunk)] = self.read_rows(chunk)
+        rows.flush()
+        values.flush()
+        del rows, values
+        (folder / TABLE_JSON).write_text(json.dumps({
+            "format": MAPPED_FORMAT, "version": MAPPED_VERSION, "rows": self.num_rows, "dim": self.dim,
+            "dtype": "float32", "init_std": self.init_std, "seed": self.seed, "count": int(len(ids)),
+            "delta": bool(delta), "base": str(Path(base).resolve()) if base is not None else None}, indent=2))
+        return folder
+
+    # --- rows -----------------------------------------------------------------------------------
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """float32 values of ``rows`` (sorted unique int64 indices): stored, or initial when never written."""
-        values = np.array(self.data[rows])
-        fresh = ((self.bits[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1) == 0
-        if fresh.any():
-            values[fresh] = initial_rows(rows[fresh], self.dim, self.init_std, self.seed)
+        """float32 values of ``rows`` (sorted unique int64): changed, stored, or initial."""
+        rows = np.asarray(rows, dtype=np.int64)
+        values = np.empty((len(rows), self.dim), dtype=np.float32)
+        missing = np.ones(len(rows), dtype=bool)
+        slots = self.changed.find(rows)
+        hit = slots >= 0
+        if hit.any():
+            values[hit] = self._values[slots[hit]]
+            missing &= ~hit
+        for ids, stored in self.layers:
+            if not missing.any():
+                break
+            if not len(ids):
+                continue
+            want = rows[missing]
+            pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+            found = ids[pos] == want
+            if found.any():
+                where = np.flatnonzero(missing)[found]
+                values[where] = stored[pos[found]]
+                missing[where] = False
+        if missing.any():
+            values[missing] = initial_rows(rows[missing], self.dim, self.init_std, self.seed)
         return values
 
     def write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Store ``values`` for ``rows`` (unique int64 indices) and mark them written."""
+        """Set ``rows`` (unique int64) to ``values`` (held in RAM until :meth:`save`)."""
         rows = np.asarray(rows, dtype=np.int64)
-        self.data[rows] = np.asarray(values, dtype=np.float32)
-        np.bitwise_or.at(self.bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
+        slots = self.changed.add(rows)
+        needed = len(self.changed)
+        if needed > len(self._values):  # grow the value store by doubling
+            grown = np.empty((max(needed, 2 * len(self._values), 1024), self.dim), dtype=np.float32)
+            grown[: len(self._values)] = self._values
+            self._values = grown
+        self._values[slots] = np.asarray(values, dtype=np.float32)
 
-    def flush(self) -> None:
-        self.data.flush()
-        self.bits.flush()
+    def stored_rows(self) -> int:
+        """Rows held in the files this table was opened from."""
+        return sum(len(ids) for ids, _ in self.layers)
 
     def written_rows(self) -> int:
-        return int(np.bitwise_count(self.bits).sum(dtype=np.int64))
+        """Distinct rows that differ from their initial values (stored or changed)."""
+        ids = self.changed.ids
+        for layer_ids, _ in self.layers:
+            ids = np.union1d(ids, layer_ids)
+        return int(len(ids))
+
+    def changed_bytes(self) -> int:
+        """RAM held by rows changed since opening."""
+        return self._values.nbytes + self.changed.ids.nbytes + self.changed.slots.nbytes
+
+    # --- the model's view -------------------------------------------------------------------------
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1).cpu().numpy()
         unique, inverse = np.unique(flat, return_inverse=True)
-        values = torch.from_numpy(self.read_rows(unique))[torch.from_numpy(inverse.reshape(-1))]
-        return values.to(self._anchor.device, self._anchor.dtype).reshape(*rows.shape, self.dim)
+        values = torch.from_numpy(self.read_rows(unique))
+        if self._recording and torch.is_grad_enabled():
+            values.requires_grad_(True)
+            self._pending.append((torch.from_numpy(unique), values))
+        device = self._anchor.device
+        gathered = values[torch.from_numpy(inverse.reshape(-1))]
+        if device.type == "cuda":  # pinned host memory: the copy does not hold up the CPU
+            gathered = gathered.pin_memory() if not gathered.requires_grad else gathered
+            gathered = gathered.to(device, non_blocking=True)
+        return gathered.to(device, self._anchor.dtype).reshape(*rows.shape, self.dim)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def start_recording(self) -> None:
+        self._recording = True
+
+    def row_gradients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pending = [(ids, leaf.grad) for ids, leaf in self._pending if leaf.grad is not None]
+        if not pending:
+            return None
+        ids = torch.cat([p[0] for p in pending])
+        grads = torch.cat([p[1] for p in pending])
+        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        summed = torch.zeros(len(unique), self.dim, dtype=grads.dtype).index_add_(0, inverse, grads)
+        return unique, summed
+
+    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        ids = rows.detach().cpu().numpy().astype(np.int64)
+        delta = delta.detach().cpu().float().numpy()
+        moved = delta.any(axis=1)  # a row whose update is zero (no gradient yet) is not written
+        if moved.any():
+            ids, delta = ids[moved], delta[moved]
+            self.write_rows(ids, self.read_rows(ids) + delta)
+
+    def clear_row_gradients(self) -> None:
+        self._pending = []
+
+
+def read_table_json(folder: str | Path) -> dict:
+    path = Path(folder) / TABLE_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder} does not hold a memory table ({TABLE_JSON}: {exc}).") from None
+    if meta.get("format") != MAPPED_FORMAT or meta.get("version") != MAPPED_VERSION or meta.get("dtype") != "float32":
+        raise ValueError(f"{folder} does not hold a memory table of format {MAPPED_FORMAT} v{MAPPED_VERSION}.")
+    for key in ("rows", "dim", "count", "seed"):
+        if not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise ValueError(f"{path}: {key!r} must be a non-negative integer.")
+    if not isinstance(meta.get("init_std"), (int, float)) or meta["init_std"] < 0:
+        raise ValueError(f"{path}: 'init_std' must be a non-negative number.")
+    return meta
+
+
+def _read_layer(folder: Path, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The (ids, values) arrays of a stored table, mapped and checked (shape, dtype, order, range)."""
+    count, dim = meta["count"], meta["dim"]
+    if count == 0:
+        return np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
+    ids = np.load(folder / ROWS_FILE, mmap_mode="r", allow_pickle=False)
+    values = np.load(folder / VALUES_FILE, mmap_mode="r", allow_pickle=False)
+    if ids.dtype != np.dtype("<i8") or ids.shape != (count,):
+        raise ValueError(f"{folder / ROWS_FILE}: expected {count} int64 row ids, found {ids.dtype} {ids.shape}.")
+    if values.dtype != np.dtype("<f4") or values.shape != (count, dim):
+        raise ValueError(f"{folder / VALUES_FILE}: expected float32 {count} x {dim}, found {values.dtype} {values.shape}.")
+    if ids[0] < 0 or ids[-1] >= meta["rows"]:
+        raise ValueError(f"{folder / ROWS_FILE}: row ids outside 0..{meta['rows'] - 1}.")
+    block = 1 << 22
+    for start in range(0, count - 1, block):  # sorted and unique, or binary search would give wrong rows
+        chunk = ids[start:start + block + 1]
+        if not (chunk[1:] > chunk[:-1]).all():
+            raise ValueError(f"{folder / ROWS_FILE}: row ids are not sorted and unique.")
+    return ids, values

@@ -50,10 +50,14 @@ class Adapted:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
-    def save(self, folder: Path) -> Path:
-        """Write the adapters to ``folder`` (temporary name, then rename)."""
+    def save(self, folder: Path, checkpoint: bool = False) -> Path:
+        """Write the adapters to ``folder`` (temporary name, then rename).
+
+        ``checkpoint``: a mapped table writes only the rows changed since the version it was opened
+        from (that version's folder is never removed while the job runs).
+        """
         if self.memory is not None:
-            return save_engram(self.memory, folder, lora_model=self.lora)
+            return save_engram(self.memory, folder, lora_model=self.lora, delta=checkpoint)
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -21,42 +21,12 @@ import sqlite_utils
 
 from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
+from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, SizePreset, check_fits  # noqa: F401 (re-exported)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODES = ("engram", "lora", "engram+lora")
 
 
-@dataclass(frozen=True)
-class SizePreset:
-    name: str
-    rows_per_head: int
-    head_dim: int
-    description: str
-
-    def engram_config(self) -> EngramConfig:
-        return EngramConfig(rows_per_head=self.rows_per_head, head_dim=self.head_dim)
-
-    def parameters(self, layers: int = 1) -> int:
-        config = self.engram_config()
-        return layers * len(config.orders) * config.heads * self.rows_per_head * self.head_dim
-
-    def table_bytes(self, layers: int = 1) -> int:
-        return 4 * self.parameters(layers)  # fp32 on disk and on the CPU
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "parameters": self.parameters(), "table_bytes": self.table_bytes()}
-
-
-# Training holds the table, its gradient rows and optimiser state for the rows touched; RAM
-# needed is ~1.2x the table plus the base model. Figures in docs/TRAINING.md.
-PRESETS = {
-    p.name: p for p in (
-        SizePreset("small", 4_093, 32, "~2 M parameters (8 MB): a few profiles and chats"),
-        SizePreset("medium", 32_749, 32, "~17 M parameters (67 MB): the default; a library of documents"),
-        SizePreset("large", 262_139, 32, "~134 M parameters (537 MB): a large library"),
-    )
-}
-DEFAULT_PRESET = "medium"
 
 
 def check_name(name: str) -> str:
@@ -104,8 +74,7 @@ class PackStore:
     def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
                collections: list[str] | None = None, mode: str = "engram", config: PackConfig | None = None) -> dict:
         check_name(name)
-        if size not in PRESETS:
-            raise EngramError(f"Unknown size {size!r}: choose one of {', '.join(PRESETS)}.")
+        check_fits(size, self.root.parent)  # refused with the reason when this machine cannot hold it
         if mode not in MODES:
             raise EngramError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
         if self.db["packs"].count_where("name = ?", [name]):
@@ -148,6 +117,7 @@ class PackStore:
             "id": row["id"], "name": row["name"], "base_model": row["base_model"], "preset": config.preset,
             "mode": config.mode, "parameters": PRESETS[config.preset].parameters(len(config.engram.get("layers") or [1]))
             if config.uses_engram else None,
+            "storage": config.engram.get("storage", "memory") if config.uses_engram else None,
             "collections": json.loads(row["collections"] or "[]"), "active_version": row["active_version"],
             "versions": versions, "learned_sources": len(learned), "deleted_sources_learned": forgotten,
             "created": row["created"],

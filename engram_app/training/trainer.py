@@ -93,7 +93,7 @@ class Trainer:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
         try:
-            self.adapted.save(tmp / ADAPTER_DIR)
+            self.adapted.save(tmp / ADAPTER_DIR, checkpoint=True)
             tensors, groups = {}, []
             for k, state in enumerate(self.optimizer.state_dict()):
                 if "param_groups" in state:  # a torch optimiser: tensors per parameter, groups as JSON

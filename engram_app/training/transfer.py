@@ -8,6 +8,7 @@ compress) holding::
     adapter/adapter_config.json   the version folder's adapter files, as saved (safetensors + JSON)
     adapter/adapter_model.safetensors
     adapter/lora/...              (LoRA packs)
+    adapter/table/...             table.json + rows.npy + values.npy (packs whose table is mapped)
 
 No pickle anywhere, and no slot index: it names sources by their ids in the exporting library,
 which mean nothing elsewhere (and would carry the user's n-grams along). An imported version
@@ -32,7 +33,7 @@ from engram_app.training.packs import MODES, PRESETS, PackConfig, PackStore, now
 FORMAT = "engram-studio-pack"
 FORMAT_VERSION = 1
 MAX_UNPACKED = 8 * 1024**3  # the large preset is ~0.5 GiB per Engram layer: room for several layers + LoRA
-ALLOWED = re.compile(r"^adapter/(lora/)?[A-Za-z0-9_.-]+\.(json|safetensors|md)$")
+ALLOWED = re.compile(r"^adapter/((lora/)?[A-Za-z0-9_.-]+\.(json|safetensors|md)|table/(table\.json|rows\.npy|values\.npy))$")
 
 
 def export_pack(store: PackStore, name: str, destination: Path, number: int | None = None) -> Path:

@@ -17,11 +17,18 @@ from engram_app.errors import EngramError
 from engram_app.service import Service
 from engram_app.ui.errors import user_errors
 from engram_app.training import PRESETS, TrainOptions
+from engram_app.training.sizes import describe, summary
 
 PACK_COLUMNS = ["pack", "mode", "size", "active version", "versions", "base model", "learns from", "warning"]
 VERSION_COLUMNS = ["version", "active", "steps", "memorisation loss", "forgetting cost", "recall on / off", "created"]
 PRESET_HELP = " | ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
 BUDGETS = {"quick (2 min)": 2.0, "thorough (10 min)": 10.0}
+
+
+def _size_needs(service: Service, size: str) -> str:
+    """What the chosen size preset needs from this machine, and whether it has it (before creating)."""
+    row = next((r for r in describe(service.settings.home) if r["name"] == size), None)
+    return summary(row) if row else ""
 
 
 def _pack_rows(service: Service) -> list[list]:
@@ -103,6 +110,7 @@ def build_train_tab(service: Service):
             size = gr.Dropdown(list(PRESETS), value="medium", label="Size", info=PRESET_HELP)
             mode = gr.Dropdown(["engram", "lora", "engram+lora"], value="engram", label="What trains")
             create = gr.Button("Create", elem_id="pack-create")
+        size_needs = gr.Markdown(_size_needs(service, "medium"), elem_id="pack-size-needs")
     with gr.Accordion("Export or import a pack", open=False, elem_id="pack-transfer-box"):
         with gr.Row():
             with gr.Column():
@@ -214,6 +222,7 @@ def build_train_tab(service: Service):
         return _version_rows(service, p), _pack_rows(service)
 
     create.click(do_create, [name, size, mode], [packs_table, pack], api_name="create_pack")
+    size.change(lambda s: _size_needs(service, s), size, size_needs, api_visibility="private")
     start.click(do_start, [pack, budget, full, max_steps, lr, evaluate], [job_id, runs], api_name="train")
     export.click(do_export, pack, exported, api_name="export_pack")
     do_import_button.click(do_import, [upload, import_name], [packs_table, pack, upload], api_name="import_pack")
