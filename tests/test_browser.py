@@ -253,6 +253,11 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: s
     # Memory & training: create a pack, train it, reload the page mid-job, see the job finish.
     page.get_by_role("tab", name="Memory & training").click()
     page.locator("#pack-create-box").get_by_text("Create a pack").click()
+    assert "medium: 17 M parameters in memory. RAM:" in page.locator("#pack-size-needs").inner_text()
+    choose(page, "#pack-size", "xlarge")  # what a size needs shows before the pack is created
+    page.wait_for_function(f"() => {text_of('#pack-size-needs')}.includes('mapped from disk')", timeout=30_000)
+    choose(page, "#pack-size", "medium")
+    page.wait_for_function(f"() => {text_of('#pack-size-needs')}.includes('medium:')", timeout=30_000)
     page.fill("#pack-name textarea, #pack-name input", pack)
     page.click("#pack-create")
     page.wait_for_function(f"() => {text_of('#packs-table')}.includes('{pack}')", timeout=30_000)

@@ -30,7 +30,7 @@ from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
 
 GiB = 1024**3
-MODEL_RAM = 3 * GiB  # the base model while training on the CPU (SmolLM2: peak ~2.3 GiB measured), with margin
+MODEL_RAM = 3 * GiB  # the base model while training on the CPU (SmolLM2, 4 x 256 tokens: peak 2.7 GiB measured)
 MAPPED_RAM = 2 * GiB  # rows a long training job touches (three copies), with margin
 MAPPED_DISK = 2 * GiB  # the first versions of a mapped pack and a checkpoint
 

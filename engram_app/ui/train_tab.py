@@ -107,7 +107,7 @@ def build_train_tab(service: Service):
     with gr.Accordion("Create a pack", open=False, elem_id="pack-create-box"):
         with gr.Row():
             name = gr.Textbox(label="Name", placeholder="me", elem_id="pack-name")
-            size = gr.Dropdown(list(PRESETS), value="medium", label="Size", info=PRESET_HELP)
+            size = gr.Dropdown(list(PRESETS), value="medium", label="Size", info=PRESET_HELP, elem_id="pack-size")
             mode = gr.Dropdown(["engram", "lora", "engram+lora"], value="engram", label="What trains")
             create = gr.Button("Create", elem_id="pack-create")
         size_needs = gr.Markdown(_size_needs(service, "medium"), elem_id="pack-size-needs")
