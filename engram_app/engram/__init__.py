@@ -8,7 +8,8 @@ Files, one concept each (after PEFT's tuner layout):
 - ``config.py``       :class:`EngramConfig`, the shape and addressing of a memory
 - ``compression.py``  tokenizer compression (token id -> canonical id)
 - ``hashing.py``      suffix n-grams, multiplicative-XOR hashing, prime-modulus heads, row layout
-- ``storage.py``      where rows live (:class:`TableStorage`; an ``nn.Embedding`` with sparse grads)
+- ``storage.py``      where rows live: an ``nn.Embedding`` with sparse grads, or :class:`MappedTable`
+                      (only written rows, in files mapped from disk: tables larger than RAM)
 - ``layer.py``        :class:`EngramBlock`, the gate + convolution maths of one Engram layer
 - ``model.py``        :func:`attach_engram`: finding blocks, hooks, decoding state, tracing
 - ``io.py``           adapter folders: save, load, base-model fingerprint checks
