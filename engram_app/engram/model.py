@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -112,7 +112,7 @@ class EngramModel(nn.Module):
     """
 
     def __init__(self, base_model: nn.Module, tokenizer, config: EngramConfig | None = None,
-                 table: TableStorage | Callable[[int, int], TableStorage] | None = None):
+                 table: TableStorage | None = None):
         super().__init__()
         self.config = config = config or EngramConfig()
         object.__setattr__(self, "base_model", base_model)  # not a submodule: its weights are not ours
@@ -139,8 +139,6 @@ class EngramModel(nn.Module):
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
 
         hidden = base_model.config.hidden_size
-        if callable(table) and not isinstance(table, nn.Module):  # a factory: (rows, dim) -> TableStorage
-            table = table(self.layout.total_rows, config.head_dim)
         if table is not None and (table.num_rows, table.dim) != (self.layout.total_rows, config.head_dim):
             raise EngramAttachError(f"The table has {table.num_rows} x {table.dim} rows; this configuration addresses "
                                     f"{self.layout.total_rows} x {config.head_dim}.")
@@ -288,11 +286,11 @@ def _cache_length(cache) -> int:
 
 
 def attach_engram(base_model: nn.Module, tokenizer, config: EngramConfig | None = None,
-                  table: TableStorage | Callable[[int, int], TableStorage] | None = None) -> EngramModel:
+                  table: TableStorage | None = None) -> EngramModel:
     """Freeze ``base_model`` and attach a fresh Engram memory to it (identity at initialisation).
 
-    ``table``: where the rows live (default: all in memory); e.g.
-    ``lambda rows, dim: MappedTable.create(folder, rows, dim)`` for a table in a mapped file.
+    ``table``: where the rows live, sized for the configuration (default: what ``config.storage``
+    says: all rows in memory, or a :class:`MappedTable` with nothing stored yet).
     """
     base_model.requires_grad_(False)
     return EngramModel(base_model, tokenizer, config, table)

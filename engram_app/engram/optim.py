@@ -18,27 +18,14 @@ import torch
 from torch import nn
 
 from engram_app.engram.model import EngramModel
-from engram_app.engram.storage import TableStorage, parameter_row_gradients
+from engram_app.engram.storage import ParameterRows, TableStorage
 
 
-class _ParameterRows:
+class _ParameterRows(ParameterRows):
     """A plain [rows, dim] parameter seen as a table (for :class:`RowwiseAdam` on any weight)."""
 
     def __init__(self, weight: nn.Parameter):
         self.weight, self.dim = weight, weight.shape[1]
-
-    def start_recording(self) -> None:
-        pass
-
-    def row_gradients(self):
-        return parameter_row_gradients(self.weight)
-
-    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.weight.index_add_(0, rows, delta)
-
-    def clear_row_gradients(self) -> None:
-        self.weight.grad = None
 
 
 class RowwiseAdam:
@@ -52,9 +39,8 @@ class RowwiseAdam:
         self.table = target if isinstance(target, TableStorage) else _ParameterRows(target)
         self.table.start_recording()
         self.lr, self.betas, self.eps = lr, betas, eps
-        weights = target.sparse_parameters() if isinstance(target, TableStorage) else [target]
-        self.weight = weights[0] if weights else None
-        dim, device = self.table.dim, weights[0].device if weights else torch.device("cpu")
+        self.weight = getattr(self.table, "weight", None)  # None: rows outside autograd (a mapped table)
+        dim, device = self.table.dim, self.weight.device if self.weight is not None else torch.device("cpu")
         self.rows = torch.empty(0, dtype=torch.long, device=device)  # sorted ids of rows with state
         self.exp_avg = torch.empty(0, dim, device=device)
         self.exp_avg_sq = torch.empty(0, dim, device=device)

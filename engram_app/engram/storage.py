@@ -50,7 +50,33 @@ class TableStorage(nn.Module):
         raise NotImplementedError
 
 
-class EmbeddingTable(TableStorage):
+class ParameterRows:
+    """The row-optimiser methods of a table whose rows are one [rows, dim] parameter, ``self.weight``."""
+
+    weight: torch.Tensor
+
+    def start_recording(self) -> None:
+        pass  # autograd records a parameter's gradients
+
+    def row_gradients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            return grad.indices()[0], grad.values()
+        ids = grad.abs().sum(1).nonzero().flatten()  # a dense gradient: keep the rows it touches
+        return ids, grad[ids]
+
+    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.index_add_(0, rows, delta)
+
+    def clear_row_gradients(self) -> None:
+        self.weight.grad = None
+
+
+class EmbeddingTable(ParameterRows, TableStorage):
     """All rows in one ``nn.Embedding`` with sparse gradients: a step only touches the rows it read."""
 
     def __init__(self, num_rows: int, dim: int, init_std: float = 0.02):
@@ -72,28 +98,6 @@ class EmbeddingTable(TableStorage):
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.embedding.weight]
-
-    def row_gradients(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return parameter_row_gradients(self.embedding.weight)
-
-    def apply_row_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.embedding.weight.index_add_(0, rows, delta)
-
-    def clear_row_gradients(self) -> None:
-        self.embedding.weight.grad = None
-
-
-def parameter_row_gradients(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(row ids, gradient rows) of a parameter's sparse (or dense) gradient; None without one."""
-    grad = weight.grad
-    if grad is None:
-        return None
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values()
-    ids = grad.abs().sum(1).nonzero().flatten()  # a dense gradient: keep the rows it touches
-    return ids, grad[ids]
 
 
 # --- rows in memory-mapped files -----------------------------------------------------------------
@@ -208,20 +212,20 @@ class MappedTable(TableStorage):
         return cls(meta["rows"], meta["dim"], meta["init_std"], meta["seed"], folder=folder)
 
     def _open_chain(self, folder: Path) -> None:
-        seen = set()
+        """Map the table in ``folder`` and, for a checkpoint, the version it extends (newest first)."""
+        seen: set[Path] = set()
         while folder is not None:
+            if folder.resolve() in seen:
+                raise ValueError(f"{folder}: a table that extends itself")
+            seen.add(folder.resolve())
             meta = read_table_json(folder)
             if (meta["rows"], meta["dim"]) != (self.num_rows, self.dim):
                 raise ValueError(f"{folder} holds a {meta['rows']} x {meta['dim']} table, not {self.num_rows} x {self.dim}.")
             self.layers.append(_read_layer(folder, meta))
-            base = meta.get("base")
-            if folder == self.folder:
-                self.is_delta, self.base = bool(meta.get("delta")), Path(base) if base is not None else None
-            folder = Path(base) if base is not None else None
-            if folder is not None and folder.resolve() in seen:
-                raise ValueError(f"{folder}: a table that extends itself")
-            if folder is not None:
-                seen.add(folder.resolve())
+            base = Path(meta["base"]) if meta.get("base") is not None else None
+            if len(self.layers) == 1:
+                self.is_delta, self.base = bool(meta.get("delta")), base
+            folder = base
 
     def save(self, folder: str | Path, delta: bool = False) -> Path:
         """Write this table's rows (as now, changes included) to the new folder ``folder``.

@@ -21,12 +21,10 @@ import sqlite_utils
 
 from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
-from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, SizePreset, check_fits  # noqa: F401 (re-exported)
+from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, check_fits
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODES = ("engram", "lora", "engram+lora")
-
-
 
 
 def check_name(name: str) -> str:

@@ -16,6 +16,7 @@ from engram_app.service import Service
 from engram_app.ui.errors import user_errors
 
 BASE = "base model (no memory)"
+EMPTY_REPLY = "(the model ended its reply without writing anything)"
 
 
 def pack_choices(service: Service) -> list[str]:
@@ -101,7 +102,7 @@ def build_chat_tab(service: Service):
                     yield "", history, conv, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         result = stream.result
         if not result.reply.strip():
-            history[-1] = {"role": "assistant", "content": "(the model ended its reply without writing anything)"}
+            history[-1] = {"role": "assistant", "content": EMPTY_REPLY}
         passages = [[f"{h['score']:.2f}", f"{h['title']} (source {h['source']})", h["text"][:400]]
                     for h in result.retrieved]
         traced = result.message_id if result.traces else None
@@ -133,7 +134,7 @@ def build_chat_tab(service: Service):
                     answers[i] += token.delta
                     yield tuple(answers)
                 if not answers[i].strip():
-                    answers[i] = "(the model ended its reply without writing anything)"
+                    answers[i] = EMPTY_REPLY
                     yield tuple(answers)
 
     inputs = [message, chatbot, conversation, pack, memory, retrieval, max_tokens, temperature, top_p]

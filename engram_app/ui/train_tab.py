@@ -153,8 +153,7 @@ def build_train_tab(service: Service):
     def do_create(n: str, s: str, m: str):
         with user_errors():
             service.create_pack((n or "").strip(), size=s, mode=m)
-        names = [p["name"] for p in service.packs()]
-        return _pack_rows(service), gr.update(choices=names, value=n.strip())
+        return refresh_packs(n.strip())
 
     def do_start(p: str | None, b: str, f: bool, steps: float, rate: float, ev: bool):
         if not p:
@@ -204,8 +203,7 @@ def build_train_tab(service: Service):
         with user_errors():
             info = service.import_pack(file, (n or "").strip() or None)
         gr.Info(f"Imported pack {info['name']} at version {info['active_version']}.")
-        names = [p["name"] for p in service.packs()]
-        return _pack_rows(service), gr.update(choices=names, value=info["name"]), None
+        return (*refresh_packs(info["name"]), None)
 
     def do_cancel(current: int | None, p: str | None):
         job = latest_job(current, p)
