@@ -25,7 +25,7 @@ from torch import nn
 @dataclass
 class BlockOutput:
     y: torch.Tensor  # [B, T, hidden] what is added to the residual stream (in the input dtype)
-    conv_state: torch.Tensor | None  # [B, (kernel-1)*dilation, hidden] for the next step
+    conv_input: torch.Tensor | None  # [B, T, hidden] RMSNorm(U) at these positions (0 at padding): later steps' context
     gate: torch.Tensor  # [B, T] alpha_t
     score: torch.Tensor  # [B, T] s_t after the signed square root (pre-sigmoid)
     ratio: torch.Tensor | None  # [B, T] |Y_t| / |h_t| (when asked for)
@@ -62,7 +62,9 @@ class EngramBlock(nn.Module):
                 conv_state: torch.Tensor | None, with_ratio: bool = False) -> BlockOutput:
         """hidden [B, T, H]; memory [B, T, W] retrieved rows; mask [B, T] (False: padding).
 
-        ``with_ratio`` also computes |Y|/|h| per token (for traces; skipped otherwise).
+        ``conv_state`` [B, <= context, H]: the convolution inputs (``conv_input`` of earlier calls) of
+        the positions just before these, oldest first; missing ones (the start of the sequence) are
+        zeros. ``with_ratio`` also computes |Y|/|h| per token (for traces; skipped otherwise).
         """
         h = hidden.float()
         e = memory.float()
@@ -73,16 +75,16 @@ class EngramBlock(nn.Module):
         score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         gate = torch.sigmoid(score)
         u = gate.unsqueeze(-1) * v * keep
-        new_state = None
+        normed = None
         if self.use_conv:
             normed = self.norm_u(u) * keep
-            if conv_state is None:
-                conv_state = normed.new_zeros(normed.shape[0], self.context, normed.shape[2])
-            x = torch.cat([conv_state.to(normed.dtype), normed], dim=1)  # [B, context + T, H]
+            earlier = normed[:, :0] if conv_state is None else conv_state.to(normed.dtype)
+            earlier = earlier[:, earlier.shape[1] - min(earlier.shape[1], self.context):]
+            missing = normed.new_zeros(normed.shape[0], self.context - earlier.shape[1], normed.shape[2])
+            x = torch.cat([missing, earlier, normed], dim=1)  # [B, context + T, H]
             y = F.silu(self._conv(x, u.shape[1])) + u
-            new_state = x[:, -self.context:] if self.context else x[:, :0]
         else:
             y = u
         y = y * keep
         ratio = y.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12) if with_ratio else None
-        return BlockOutput(y.to(hidden.dtype), new_state, gate * mask, score * mask, ratio)
+        return BlockOutput(y.to(hidden.dtype), normed, gate * mask, score * mask, ratio)

@@ -1,8 +1,10 @@
 """LoRA beside (or instead of) the memory, with Hugging Face PEFT.
 
-PEFT wraps the base model (``get_peft_model``); the Engram hooks sit on the backbone and its
-blocks, which PEFT leaves in place, so both adapters act in the same forward pass. Attach the
-memory before or after LoRA, to the unwrapped base model.
+PEFT wraps the base model (``get_peft_model``); the Engram memory is another PEFT adapter on the
+same base model (its own ``PeftModel``, see tuner.py), whose hooks sit on the backbone and its
+blocks, which LoRA leaves in place: both adapters act in the same forward pass, and each saves
+and switches only its own weights. Attach the memory before or after LoRA, to the unwrapped base
+model.
 """
 
 from __future__ import annotations

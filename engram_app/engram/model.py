@@ -6,20 +6,25 @@ layer) and the backbone that owns them, and registers three forward hooks:
 1. a pre-hook on the backbone computes, from the token ids alone, the rows every Engram layer
    will read for this call (the addresses are known before the first block runs);
 2. a pre-hook on each chosen block adds ``Engram(h, rows)`` to the hidden state entering it;
-3. a hook after the backbone stores each sequence's decoding state (the last ``max_order - 1``
-   compressed ids, and the convolution's last inputs) on the KV cache object it returned.
+3. a hook after the backbone stores each sequence's decoding state (:class:`DecodeState`: the
+   compressed ids and the convolution's inputs of every cached position) on the KV cache object
+   it returned.
 
 Keeping the state on the cache object means that a cached decoding step continues the right
 sequences whatever the length (there is no fixed buffer), that two conversations with two caches
-never mix, and that ``model.generate`` works unchanged. The backbone is called through
-``__call__`` by every supported family, also when PEFT wraps the model, so LoRA composes.
+never mix, and that ``model.generate`` works unchanged. The state follows every operation on the
+cache: beam search's reordering of its rows (the cache's batch methods are extended to reorder
+the state too) and rollbacks (``crop``, as assisted decoding does: the next call sees that the
+cache holds fewer positions than the state and drops the extra ones). The backbone is called
+through ``__call__`` by every supported family, also when PEFT wraps the model, so LoRA composes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +37,9 @@ from engram_app.engram.layer import EngramBlock
 from engram_app.engram.storage import EmbeddingTable, MappedTable, TableStorage
 
 STATE_ATTR = "_engram_state"
+FOLLOWS_ATTR = "_engram_follows"  # set on a cache whose batch methods also move the Engram state
+FINGERPRINT_SAMPLES = 256  # weights sampled from each parameter tensor of the blocks
+ADAPTER_MARKERS = ("lora_", "engram")  # parameter names of adapters inside the blocks, not of the base
 
 
 class EngramAttachError(ValueError):
@@ -55,9 +63,14 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList
 def model_fingerprint(model: nn.Module) -> dict:
     """What a saved memory checks before it is loaded onto a model.
 
-    Architecture sizes, plus a hash of the sign pattern of the first input-embedding rows: it
-    tells different checkpoints apart, and does not change when the same weights are loaded in
-    another dtype (bf16 on a GPU, fp32 on the CPU).
+    Architecture sizes, a hash of the sign pattern of the first input-embedding rows, and a hash
+    of weights sampled from every parameter of every decoder block (:func:`blocks_fingerprint`).
+    The embeddings alone tell different pre-trained checkpoints apart, but not a fine-tune that
+    kept them frozen, nor a merged LoRA: the blocks' hash does. Neither changes when the same
+    weights are loaded in the app's other precision (bf16 on a GPU, fp32 on the CPU).
+
+    Memories saved before ``blocks_sha256`` existed do not have it; the loader compares only the
+    keys a saved fingerprint has, so they still load (checked on the embeddings only).
     """
     config = model.config
     embeddings = model.get_input_embeddings().weight
@@ -68,7 +81,34 @@ def model_fingerprint(model: nn.Module) -> dict:
         "num_hidden_layers": config.num_hidden_layers,
         "vocab_size": embeddings.shape[0],
         "embedding_signs_sha256": hashlib.sha256(signs).hexdigest()[:16],
+        "blocks_sha256": blocks_fingerprint(model),
     }
+
+
+def blocks_fingerprint(model: nn.Module) -> str:
+    """Hash of :data:`FINGERPRINT_SAMPLES` weights of each parameter of each decoder block.
+
+    The samples sit at scattered, fixed positions (a multiplicative stride, computed without a
+    random generator so that every torch version picks the same ones). Each is rounded to bf16
+    first: a checkpoint loaded in fp32 and the same one loaded in bf16 give the same bytes (the
+    load rounds to nearest even, exactly as this does), while a fine-tune moves weights by far
+    more than bf16's spacing, so a changed tensor changes nearly all of its samples.
+    Adapter parameters inside the blocks (a PEFT LoRA's ``lora_A``/``lora_B``) are skipped and
+    PEFT's ``base_layer`` holds the base weight, so wrapping the model with LoRA does not change
+    the hash; merging a LoRA into the weights does.
+    """
+    _, _, blocks = find_decoder_layers(model)
+    digest = hashlib.sha256()
+    for block in blocks:
+        for name, param in block.named_parameters():
+            if any(marker in name for marker in ADAPTER_MARKERS):
+                continue
+            flat = param.detach().reshape(-1)
+            count = min(FINGERPRINT_SAMPLES, flat.numel())
+            index = (torch.arange(count, dtype=torch.long) * 2_654_435_761) % flat.numel()
+            sample = flat[index.to(flat.device)].to(torch.bfloat16).float().cpu() + 0.0  # + 0.0: no -0.0
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def base_fingerprint(model: nn.Module, tokenizer_sha256: str) -> dict:
@@ -78,10 +118,86 @@ def base_fingerprint(model: nn.Module, tokenizer_sha256: str) -> dict:
 
 @dataclass
 class DecodeState:
-    """What a sequence carries between decoding steps (stored on its KV cache)."""
+    """What the sequences of a KV cache carry between decoding steps (stored on the cache).
 
-    history: torch.Tensor  # [B, max_order - 1] compressed ids before the next token
-    conv: dict[int, torch.Tensor]  # layer -> [B, context, hidden] last convolution inputs
+    Per cached position, like the keys and values beside it: the compressed token id (the
+    boundary id at padding) and, per Engram layer, the convolution's input. A step reads only
+    the last ``max_order - 1`` ids and the last ``(kernel - 1) * dilation`` inputs, but keeping
+    every position is what lets the state follow the cache through any rollback (assisted
+    decoding crops rejected draft tokens; an app may crop back to a shared prompt) with nothing
+    to recompute. It costs ``4 * hidden_size + 8`` bytes per position and Engram layer: for one
+    Engram layer, a few percent of the keys and values of the cache itself.
+    """
+
+    ids: torch.Tensor  # [B, L] compressed ids of the cached positions
+    conv: dict[int, torch.Tensor]  # layer -> [B, L, hidden] convolution inputs RMSNorm(U) (float32)
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DecodeState:
+        return DecodeState(fn(self.ids), {layer: fn(x) for layer, x in self.conv.items()})
+
+    def crop(self, length: int) -> DecodeState:
+        """The state of the first ``length`` positions (the cache was rolled back to them)."""
+        return self._map(lambda t: t[:, :length])
+
+    def select(self, index) -> DecodeState:
+        """Rows ``index`` of the batch, in that order (beam search's reordering, batch selection)."""
+        index = torch.as_tensor(index)
+        return self._map(lambda t: t[index.to(t.device)])
+
+    def repeat_interleave(self, repeats: int) -> DecodeState:
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def extend(self, ids: torch.Tensor, conv: dict[int, torch.Tensor]) -> DecodeState:
+        """This state followed by the positions of one more call."""
+        return DecodeState(torch.cat([self.ids, ids], dim=1),
+                           {layer: torch.cat([self.conv[layer], x], dim=1) for layer, x in conv.items()})
+
+
+def _update_state(cache, fn: Callable[[DecodeState], DecodeState]) -> None:
+    state = getattr(cache, STATE_ATTR, None)
+    if state is not None:
+        setattr(cache, STATE_ATTR, fn(state))
+
+
+def _reorder_cache(cache, beam_idx: torch.Tensor) -> None:
+    type(cache).reorder_cache(cache, beam_idx)
+    _update_state(cache, lambda state: state.select(beam_idx))
+
+
+def _batch_select_indices(cache, indices: torch.Tensor) -> None:
+    type(cache).batch_select_indices(cache, indices)
+    _update_state(cache, lambda state: state.select(indices))
+
+
+def _batch_repeat_interleave(cache, repeats: int) -> None:
+    type(cache).batch_repeat_interleave(cache, repeats)
+    _update_state(cache, lambda state: state.repeat_interleave(repeats))
+
+
+_FOLLOWERS = {"reorder_cache": _reorder_cache, "batch_select_indices": _batch_select_indices,
+              "batch_repeat_interleave": _batch_repeat_interleave}
+
+
+def follow_batch_operations(cache) -> None:
+    """Make the methods that rearrange a cache's rows rearrange its Engram state too.
+
+    Beam search calls ``cache.reorder_cache(beam_idx)`` after every step to make each row
+    continue the beam it now holds; the Engram state must move with the keys and values, or a
+    beam would hash another beam's tokens. ``transformers`` gives a cache no hook for this, so
+    these instance methods call the class's own method and then apply the same operation to the
+    state. They are bound methods of the cache, so ``copy.deepcopy`` of the cache binds them to
+    the copy. (Rollbacks need no method: the next call sees the cache's shorter length.)
+    """
+    if getattr(cache, FOLLOWS_ATTR, False):
+        return
+    for name, follower in _FOLLOWERS.items():
+        if callable(getattr(type(cache), name, None)):
+            setattr(cache, name, types.MethodType(follower, cache))
+    setattr(cache, FOLLOWS_ATTR, True)
 
 
 @dataclass
@@ -98,8 +214,8 @@ class _Call:
 
     rows: torch.Tensor  # [B, T, L, R]
     mask: torch.Tensor  # [B, T] bool
-    state: DecodeState | None
-    new_history: torch.Tensor
+    state: DecodeState | None  # of the positions before this call (None: a new sequence)
+    compressed: torch.Tensor  # [B, T] compressed ids of this call's positions
     memory: dict[int, torch.Tensor] = field(default_factory=dict)  # rows gathered ahead of the blocks
     new_conv: dict[int, torch.Tensor] = field(default_factory=dict)
     traces: dict[int, LayerTrace] = field(default_factory=dict)
@@ -112,7 +228,9 @@ class EngramModel(nn.Module):
     """
 
     def __init__(self, base_model: nn.Module, tokenizer, config: EngramConfig | None = None,
-                 table: TableStorage | None = None):
+                 table: TableStorage | None = None, compression: tuple[torch.Tensor, str] | None = None):
+        """``compression``: instead of the ``tokenizer``, its map as :attr:`compression` holds it and
+        its fingerprint (e.g. read from a saved memory, which needs no tokenizer to load)."""
         super().__init__()
         self.config = config = config or EngramConfig()
         object.__setattr__(self, "base_model", base_model)  # not a submodule: its weights are not ours
@@ -128,12 +246,17 @@ class EngramModel(nn.Module):
         # Compression: tokenizer ids -> canonical ids; ids the tokenizer lacks (padded vocab) get
         # their own canonical ids; one more id marks positions before the start of a sequence.
         vocab = base_model.get_input_embeddings().weight.shape[0]
-        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-        compression = compression_for(tokenizer, self.tokenizer_fingerprint)
-        if len(compression) > vocab:
-            raise EngramAttachError(f"The tokenizer has {len(compression)} tokens but the model only {vocab}.")
-        extra = torch.arange(vocab - len(compression)) + int(compression.max()) + 1
-        compression = torch.cat([compression, extra])
+        if compression is not None:
+            compression, self.tokenizer_fingerprint = compression
+            if len(compression) != vocab:
+                raise EngramAttachError(f"The memory's token map covers {len(compression)} ids; the model has {vocab}.")
+        else:
+            self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+            compression = compression_for(tokenizer, self.tokenizer_fingerprint)
+            if len(compression) > vocab:
+                raise EngramAttachError(f"The tokenizer has {len(compression)} tokens but the model only {vocab}.")
+            extra = torch.arange(vocab - len(compression)) + int(compression.max()) + 1
+            compression = torch.cat([compression, extra])
         self.boundary_id = int(compression.max()) + 1
         self.register_buffer("compression", compression, persistent=False)
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
@@ -173,25 +296,17 @@ class EngramModel(nn.Module):
         device = input_ids.device
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None or mask.dim() != 2 else mask[:, -steps:].bool()
-        cache = kwargs.get("past_key_values")
-        state = None
-        if cache is not None and _cache_length(cache) > 0:
-            state = getattr(cache, STATE_ATTR, None)
-            if state is None or state.history.shape[0] != batch:
-                raise EngramAttachError(
-                    "This KV cache was not produced with the Engram memory attached (or belongs to another "
-                    "batch): start the sequence again with the memory attached."
-                )
+        conv_layers = set(self.layer_ids) if self.config.use_conv else set()
+        state = _cached_state(kwargs.get("past_key_values"), batch, conv_layers)
         compression = self.compression.to(device)
         compressed = torch.where(mask, compression[input_ids], torch.full_like(input_ids, self.boundary_id))
-        history = state.history.to(device) if state is not None else torch.full(
-            (batch, self.config.max_order - 1), self.boundary_id, dtype=torch.long, device=device
-        )
+        keep = self.config.max_order - 1  # ids before this call that its n-grams reach
+        history = torch.full((batch, keep), self.boundary_id, dtype=torch.long, device=device)
+        if state is not None and keep:
+            history = torch.cat([history, state.ids[:, -keep:].to(device)], dim=1)[:, -keep:]
         grams = shifted_ngrams(compressed, history, self.config.max_order)
         rows = hash_rows(self.layout, grams)
-        keep = history.shape[1]  # max_order - 1 ids carry over to the next call
-        new_history = torch.cat([history, compressed], dim=1)[:, -keep:] if keep else history
-        self._call = _Call(rows=rows, mask=mask, state=state, new_history=new_history)
+        self._call = _Call(rows=rows, mask=mask, state=state, compressed=compressed)
         if isinstance(self.table, MappedTable):
             # Rows read from files: gather them now, before the first block runs. The addresses
             # depend only on the token ids, and on a GPU the copy from pinned host memory is
@@ -212,10 +327,13 @@ class EngramModel(nn.Module):
             memory = call.memory.get(layer)
             if memory is None:
                 memory = self.table.lookup(rows).flatten(-2)  # [B, T, R * d_h]
-            conv_state = call.state.conv.get(layer) if call.state is not None else None
-            out = self.blocks[str(layer)](hidden, memory, call.mask, conv_state, with_ratio=self._trace_sink is not None)
-            if out.conv_state is not None:
-                call.new_conv[layer] = out.conv_state
+            block = self.blocks[str(layer)]
+            conv_state = None  # the convolution inputs of the positions its kernel reaches before this call
+            if call.state is not None and layer in call.state.conv:
+                conv_state = call.state.conv[layer][:, max(0, call.state.length - block.context):]
+            out = block(hidden, memory, call.mask, conv_state, with_ratio=self._trace_sink is not None)
+            if out.conv_input is not None:
+                call.new_conv[layer] = out.conv_input
             if self._trace_sink is not None:
                 call.traces[layer] = LayerTrace(rows.detach(), out.gate.detach(), out.score.detach(), out.ratio.detach())
             hidden = hidden + out.y
@@ -231,8 +349,11 @@ class EngramModel(nn.Module):
             return None
         cache = getattr(output, "past_key_values", None)
         if cache is not None:
-            conv = {layer: state.detach() for layer, state in call.new_conv.items()}
-            setattr(cache, STATE_ATTR, DecodeState(call.new_history.detach(), conv))
+            conv = {layer: x.detach() for layer, x in call.new_conv.items()}
+            ids = call.compressed.detach()
+            state = DecodeState(ids, conv) if call.state is None else call.state.extend(ids, conv)
+            setattr(cache, STATE_ATTR, state)
+            follow_batch_operations(cache)
         if self._trace_sink is not None:
             self._trace_sink.append(call.traces)
         return None
@@ -285,6 +406,32 @@ def _cache_length(cache) -> int:
     return 0
 
 
+def _cached_state(cache, batch: int, conv_layers: set[int]) -> DecodeState | None:
+    """The Engram state of the positions ``cache`` holds now (None: nothing cached yet).
+
+    The state is checked against the cache's length before every call rather than when the
+    cache is cropped: a rollback by any means (``Cache.crop``, assisted decoding, a static
+    cache's ``reset``) leaves the cache shorter than the state, and the extra positions are
+    dropped here. A cache longer than its state was extended while the memory was off: refused.
+    """
+    length = _cache_length(cache) if cache is not None else 0
+    if length == 0:
+        return None
+    state = getattr(cache, STATE_ATTR, None)
+    if state is None or state.ids.shape[0] != batch or set(state.conv) != conv_layers:
+        raise EngramAttachError(
+            "This KV cache was not produced with the Engram memory attached (or belongs to another "
+            "batch): start the sequence again with the memory attached."
+        )
+    if state.length < length:
+        raise EngramAttachError(
+            f"This KV cache holds {length} positions but the Engram memory saw only {state.length} of them "
+            "(the sequence was continued with the memory switched off): start the sequence again with the "
+            "memory attached."
+        )
+    return state.crop(length) if state.length > length else state
+
+
 def attach_engram(base_model: nn.Module, tokenizer, config: EngramConfig | None = None,
                   table: TableStorage | None = None) -> EngramModel:
     """Freeze ``base_model`` and attach a fresh Engram memory to it (identity at initialisation).
@@ -292,5 +439,6 @@ def attach_engram(base_model: nn.Module, tokenizer, config: EngramConfig | None 
     ``table``: where the rows live, sized for the configuration (default: what ``config.storage``
     says: all rows in memory, or a :class:`MappedTable` with nothing stored yet).
     """
-    base_model.requires_grad_(False)
-    return EngramModel(base_model, tokenizer, config, table)
+    from engram_app.engram.tuner import attach  # the PEFT tuner builds it (tuner.py imports this module)
+
+    return attach(base_model, tokenizer, config, table)
