@@ -13,6 +13,7 @@ from pathlib import PurePath
 
 from engram_app.ingest import chats, documents, profiles
 from engram_app.ingest.decode import decode_text
+from engram_app.ingest.limits import DEFAULT_LIMITS, ParseLimits, check_chars
 from engram_app.ingest.records import KINDS, ImportRejected, Parsed
 
 TEXT_FORMATS = {".md": "markdown", ".markdown": "markdown", ".rst": "rst", ".txt": "txt", ".json": "json-text",
@@ -60,14 +61,24 @@ def _json_lines(text: str) -> list | None:
 def _yaml(text: str):
     import yaml
 
+    # libyaml's loader when PyYAML has it: the same safe objects, several times faster.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)
     except (yaml.YAMLError, RecursionError, ValueError):
         return None
 
 
-def parse_bytes(data: bytes, filename: str, kind: str = "auto") -> Parsed:
-    """Parse one file's bytes; raises :class:`ImportRejected` with a reason."""
+def parse_bytes(data: bytes, filename: str, kind: str = "auto", limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
+    """Parse one file's bytes; raises :class:`ImportRejected` with a reason.
+
+    Bounded by ``limits`` in characters and facts (not in time or memory: the parser child
+    process of ``sandbox.py`` adds those).
+    """
+    return check_chars(_parse(data, filename, kind, limits), limits)
+
+
+def _parse(data: bytes, filename: str, kind: str, limits: ParseLimits) -> Parsed:
     if kind != "auto" and kind not in KINDS:
         raise ImportRejected(f"unknown kind {kind!r}: use auto, {', '.join(KINDS)}")
     name = PurePath(filename).stem or "untitled"
@@ -76,7 +87,7 @@ def parse_bytes(data: bytes, filename: str, kind: str = "auto") -> Parsed:
         raise ImportRejected("the file is empty")
 
     if data.startswith(b"%PDF-"):
-        return _only(documents.pdf(data, name), kind)
+        return _only(documents.pdf(data, name, limits), kind)
     if data.startswith(b"PK\x03\x04"):
         return _only(documents.docx(data, name), kind)
     if suffix in (".pdf", ".docx"):
@@ -98,7 +109,7 @@ def parse_bytes(data: bytes, filename: str, kind: str = "auto") -> Parsed:
             if msgs is not None and kind in ("auto", "chat"):
                 return chats.messages(msgs, name)
             if profiles.is_attribute_object(data_obj) and kind in ("auto", "profile"):
-                return profiles.attributes(data_obj, name, "profile-json")
+                return profiles.attributes(data_obj, name, "profile-json", limits)
             if kind != "auto":
                 raise ImportRejected(f"this JSON has no {kind} shape (expected "
                                      + ("a ChatGPT export or a list of {role, content} messages)" if kind == "chat"
@@ -114,7 +125,7 @@ def parse_bytes(data: bytes, filename: str, kind: str = "auto") -> Parsed:
     if suffix in (".yaml", ".yml") and kind in ("auto", "profile"):
         obj = _yaml(text)
         if profiles.is_attribute_object(obj):
-            return profiles.attributes(obj, name, "profile-yaml")
+            return profiles.attributes(obj, name, "profile-yaml", limits)
         if kind == "profile":
             raise ImportRejected("this YAML is not an object of attributes")
     if profiles.is_persona_csv(text) and kind in ("auto", "profile", "chat"):

@@ -7,6 +7,7 @@ import logging
 import re
 import zipfile
 
+from engram_app.ingest.limits import DEFAULT_LIMITS, ParseLimits, too_many_chars
 from engram_app.ingest.records import ImportRejected, Parsed, Record
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,42 @@ def html(text: str, name: str) -> Parsed:
     return Parsed("document", "html", title[:120] or _title(body, name), [Record("text", body)])
 
 
-def pdf(data: bytes, name: str) -> Parsed:
+def _content_streams(page) -> list:
+    """A page's content streams: ``/Contents`` is one stream or an array of them, mostly by reference."""
+    from pypdf.generic import ArrayObject, IndirectObject
+
+    contents = page.raw_get("/Contents") if "/Contents" in page else None
+    if isinstance(contents, IndirectObject) and isinstance(contents.get_object(), ArrayObject):
+        contents = contents.get_object()
+    if contents is None:
+        return []
+    return list(contents) if isinstance(contents, ArrayObject) else [contents]
+
+
+def _content_bytes(pages) -> int:
+    """The bytes of drawing instructions pypdf would parse to extract the text of ``pages``.
+
+    Text extraction parses each page's content streams, and its time grows faster than their
+    size. A stream several pages share is parsed once per page, so it counts once per page
+    here; each distinct stream is decompressed once to measure it.
+    """
+    from pypdf.generic import IndirectObject, StreamObject
+
+    sizes: dict = {}
+    total = 0
+    for page in pages:
+        for ref in _content_streams(page):
+            key = (ref.idnum, ref.generation) if isinstance(ref, IndirectObject) else id(ref)
+            if key not in sizes:
+                stream = ref.get_object()
+                sizes[key] = len(stream.get_data()) if isinstance(stream, StreamObject) else 0
+            total += sizes[key]
+    return total
+
+
+def pdf(data: bytes, name: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import LimitReachedError, PdfReadError
 
     try:
         reader = PdfReader(io.BytesIO(data))
@@ -61,10 +95,23 @@ def pdf(data: bytes, name: str) -> Parsed:
         pages = reader.pages
         if len(pages) > MAX_PDF_PAGES:
             raise ImportRejected(f"the PDF has {len(pages)} pages; at most {MAX_PDF_PAGES} are imported at once")
-        texts = [(page.extract_text() or "").strip() for page in pages]
+        content = _content_bytes(pages)
+        if content > limits.max_pdf_content:
+            raise ImportRejected(
+                f"the PDF's pages hold {content / 2**20:,.0f} MB of drawing instructions (a content stream "
+                f"shared by many pages counts once per page); at most {limits.max_pdf_content / 2**20:g} MB are "
+                "read from one file, more would take hours: print it to a new PDF or save it as text")
+        texts, chars = [], 0
+        for page in pages:
+            texts.append((page.extract_text() or "").strip())
+            chars += len(texts[-1])
+            if chars > limits.max_chars:
+                raise ImportRejected(too_many_chars(limits))
         metadata_title = (reader.metadata.title if reader.metadata else None) or ""
     except ImportRejected:
         raise
+    except LimitReachedError as exc:  # pypdf's own guard against decompression bombs
+        raise ImportRejected(f"the PDF holds a stream that expands past pypdf's safety limit ({exc})"[:300]) from exc
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError,
             AssertionError, ZeroDivisionError) as exc:
         raise ImportRejected(f"the PDF is damaged or truncated ({type(exc).__name__}: {exc})"[:300]) from exc

@@ -1,8 +1,11 @@
 """The memory library: import files, list, open, search and delete sources.
 
-Each file succeeds or fails alone. A file is parsed, chunked and embedded first; then its
+Each file succeeds or fails alone. A file is parsed (within the limits of ``limits.py``; PDF,
+Word and large files in a child process, ``sandbox.py``), chunked and embedded first; then its
 source row, records, chunks and embeddings are written in ONE transaction, so a crash or a kill
-never leaves half a source. The original bytes are kept under ``uploads/<sha256>``, unmodified.
+never leaves half a source. That transaction also decides whether the file is a duplicate, so
+two imports of the same folder at once add each file once. The original bytes are kept under
+``uploads/<sha256>``, unmodified.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -22,7 +27,9 @@ from engram_app.errors import EngramError
 from engram_app.ingest.chunking import chunk_records
 from engram_app.ingest.detect import parse_bytes
 from engram_app.ingest.embedding import Embedder
-from engram_app.ingest.records import ImportRejected
+from engram_app.ingest.limits import DEFAULT_LIMITS, ParseLimits, isolated
+from engram_app.ingest.records import ImportRejected, Parsed
+from engram_app.ingest.sandbox import ParserProcess
 
 log = logging.getLogger(__name__)
 # pypdf logs a warning for every damaged PDF; the import reports the reason itself.
@@ -66,12 +73,13 @@ def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
 
 class Library:
     def __init__(self, db: sqlite_utils.Database, home: Path, tokenizer, embedder: Embedder | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, limits: ParseLimits = DEFAULT_LIMITS):
         self.db = db
         self.uploads = home / "uploads"
         self.tokenizer = tokenizer
         self.embedder = embedder or Embedder()
         self.max_bytes = max_bytes
+        self.limits = limits
 
     # --- collections ------------------------------------------------------------------------
 
@@ -82,7 +90,10 @@ class Library:
             return row[0]
         if not create:
             raise EngramError(f"There is no collection named {name!r}.")
-        with self.db.atomic():
+        with self.db.atomic():  # look again inside the write lock: another import may have created it
+            row = self.db.execute("select id from collections where name = ?", [name]).fetchone()
+            if row:
+                return row[0]
             return self.db["collections"].insert({"name": name, "created": now()}).last_pk
 
     def collections(self) -> list[dict]:
@@ -96,14 +107,20 @@ class Library:
                progress: Callable[[int, ImportResult], None] | None = None) -> list[ImportResult]:
         collection_id = self.collection_id(collection)
         results = []
-        for path in expand_paths(Path(p) for p in paths):
-            result = self.ingest_file(path, kind, collection_id)
-            results.append(result)
-            if progress:
-                progress(len(results), result)
+        with ParserProcess(self.limits) as parser:  # one child process for the whole import, if needed
+            for path in expand_paths(Path(p) for p in paths):
+                result = self.ingest_file(path, kind, collection_id, parser)
+                results.append(result)
+                if progress:
+                    progress(len(results), result)
         return results
 
-    def ingest_file(self, path: Path, kind: str, collection_id: int) -> ImportResult:
+    def ingest_file(self, path: Path, kind: str, collection_id: int,
+                    parser: ParserProcess | None = None) -> ImportResult:
+        """Import one file; ``parser`` is the import's child process (a new one when not given)."""
+        if parser is None:
+            with ParserProcess(self.limits) as parser:
+                return self.ingest_file(path, kind, collection_id, parser)
         sha = None
         size = None
         try:
@@ -117,18 +134,18 @@ class Library:
                                      "(change it with --max-size)")
             data = path.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
-            existing = self.db.execute(
-                "select id from sources where sha256 = ? and collection_id = ? and status = 'ready'",
-                [sha, collection_id]).fetchone()
-            if existing:
-                return ImportResult(str(path), "duplicate", "the same file is already in this collection", existing[0])
-            parsed = parse_bytes(data, path.name, kind)
+            existing = self._ready_source(sha, collection_id)  # saves parsing; _write checks again
+            if existing is not None:
+                return ImportResult(str(path), "duplicate", "the same file is already in this collection", existing)
+            parsed = self._parse(data, path.name, kind, parser)
             chunks = chunk_records(parsed.records, self.tokenizer)
             if not chunks:
                 raise ImportRejected("nothing to keep after parsing")
             vectors = self.embedder.encode([c.text for c in chunks])
             self._keep_upload(sha, data)
-            source_id = self._write(path, sha, size, collection_id, parsed, chunks, vectors)
+            source_id, added = self._write(path, sha, size, collection_id, parsed, chunks, vectors)
+            if not added:
+                return ImportResult(str(path), "duplicate", "the same file is already in this collection", source_id)
             return ImportResult(str(path), "added", None, source_id, parsed.kind, parsed.format, parsed.title,
                                 len(parsed.records), len(chunks))
         except ImportRejected as exc:
@@ -141,38 +158,75 @@ class Library:
         self._record_failure(path, sha, size, collection_id, reason[:500])
         return ImportResult(str(path), "failed", reason[:500])
 
+    def _parse(self, data: bytes, filename: str, kind: str, parser: ParserProcess) -> Parsed:
+        """Parse in the child process when the file's work is not bounded by its size (see limits.py)."""
+        if isolated(data, self.limits):
+            return parser.parse(data, filename, kind)
+        return parse_bytes(data, filename, kind, self.limits)
+
     def _keep_upload(self, sha: str, data: bytes) -> None:
         self.uploads.mkdir(parents=True, exist_ok=True)
         target = self.uploads / sha
         if target.exists():
             return
-        tmp = self.uploads / f".{sha}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        # A name of its own per writer: two imports of the same file (threads of one process too)
+        # must not write into each other's temporary file.
+        fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix=f".{sha}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
-    def _write(self, path, sha, size, collection_id, parsed, chunks, vectors) -> int:
+    def _write(self, path, sha, size, collection_id, parsed, chunks, vectors) -> tuple[int, bool]:
+        """Write the source in one transaction: (its id, True), or (the id already there, False).
+
+        The duplicate check at the start of :meth:`ingest_file` only saves parsing; this one,
+        under the write lock, is the one that counts when two imports of the same file race,
+        and the unique index on ready sources (migration m005) backs it.
+        """
         tokens = sum(c.token_count for c in chunks)
-        with self.db.atomic():  # one transaction: all of the source or nothing
-            self.db.execute("delete from sources where sha256 = ? and collection_id = ? and status = 'failed'",
-                            [sha, collection_id])
-            source_id = self.db["sources"].insert({
-                "collection_id": collection_id, "kind": parsed.kind, "format": parsed.format, "title": parsed.title,
-                "filename": path.name, "sha256": sha, "size": size, "status": "ready", "error": None,
-                "records": len(parsed.records), "chunks": len(chunks), "tokens": tokens, "created": now(),
-                "deleted": None,
-            }).last_pk
-            self.db["records"].insert_all(
-                ({"source_id": source_id, "position": i, "kind": r.kind, "conversation": r.conversation,
-                  "speaker": r.speaker, "person": r.person, "text": r.text} for i, r in enumerate(parsed.records)),
-                batch_size=500)
-            chunk_ids = []
-            for i, chunk in enumerate(chunks):
-                chunk_ids.append(self.db["chunks"].insert({
-                    "source_id": source_id, "position": i, "text": chunk.text, "token_count": chunk.token_count,
-                    "first_record": chunk.first_record, "last_record": chunk.last_record}).last_pk)
-            self.db["embeddings"].insert_all(
-                ({"chunk_id": cid, "model": self.embedder.name, "dim": int(v.shape[0]), "vector": v.tobytes()}
-                 for cid, v in zip(chunk_ids, vectors)), batch_size=500)
+        try:
+            with self.db.atomic():  # one transaction: all of the source or nothing
+                existing = self._ready_source(sha, collection_id)
+                if existing is not None:
+                    return existing, False
+                return self._insert(path, sha, size, collection_id, parsed, chunks, vectors, tokens), True
+        except sqlite3.IntegrityError:
+            existing = self._ready_source(sha, collection_id)
+            if existing is None:
+                raise
+            return existing, False
+
+    def _ready_source(self, sha: str, collection_id: int) -> int | None:
+        row = self.db.execute("select id from sources where sha256 = ? and collection_id = ? and status = 'ready'",
+                              [sha, collection_id]).fetchone()
+        return row[0] if row else None
+
+    def _insert(self, path, sha, size, collection_id, parsed, chunks, vectors, tokens) -> int:
+        """The rows of a new ready source (inside the caller's transaction)."""
+        self.db.execute("delete from sources where sha256 = ? and collection_id = ? and status = 'failed'",
+                        [sha, collection_id])
+        source_id = self.db["sources"].insert({
+            "collection_id": collection_id, "kind": parsed.kind, "format": parsed.format, "title": parsed.title,
+            "filename": path.name, "sha256": sha, "size": size, "status": "ready", "error": None,
+            "records": len(parsed.records), "chunks": len(chunks), "tokens": tokens, "created": now(),
+            "deleted": None,
+        }).last_pk
+        self.db["records"].insert_all(
+            ({"source_id": source_id, "position": i, "kind": r.kind, "conversation": r.conversation,
+              "speaker": r.speaker, "person": r.person, "text": r.text} for i, r in enumerate(parsed.records)),
+            batch_size=500)
+        chunk_ids = []
+        for i, chunk in enumerate(chunks):
+            chunk_ids.append(self.db["chunks"].insert({
+                "source_id": source_id, "position": i, "text": chunk.text, "token_count": chunk.token_count,
+                "first_record": chunk.first_record, "last_record": chunk.last_record}).last_pk)
+        self.db["embeddings"].insert_all(
+            ({"chunk_id": cid, "model": self.embedder.name, "dim": int(v.shape[0]), "vector": v.tobytes()}
+             for cid, v in zip(chunk_ids, vectors)), batch_size=500)
         return source_id
 
     def _record_failure(self, path: Path, sha, size, collection_id: int, reason: str) -> None:

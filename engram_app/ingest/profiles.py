@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+from dataclasses import dataclass
 
 from engram_app.ingest.chats import TURN
+from engram_app.ingest.limits import DEFAULT_LIMITS, ParseLimits, too_many_chars
 from engram_app.ingest.records import ImportRejected, Parsed, Record
 
 NAME_KEYS = ("name", "full_name", "fullName", "person", "username")
@@ -28,19 +30,63 @@ def _scalar(value) -> str | None:
     return None
 
 
-def _attribute_facts(data: dict, prefix: str = "", depth: int = 0) -> list[str]:
+@dataclass
+class _Budget:
+    """What expanding one attribute profile has cost so far, stopped at the limits.
+
+    A YAML alias (``*name``) stands for its anchor's whole value every time it is used, so a
+    few lines of aliases can stand for millions of facts. Values are counted as they are
+    visited and facts before their text is built, so a refused profile costs little.
+    """
+
+    limits: ParseLimits
+    values: int = 0
+    facts: int = 0
+    chars: int = 0
+
+    def visit(self, values: int, chars: int = 0) -> None:
+        self.values += values
+        self.chars += chars
+        if self.values > self.limits.max_profile_values:
+            raise ImportRejected(
+                f"the profile holds more than {self.limits.max_profile_values:,} values once its YAML aliases "
+                "(*name) are expanded: each use of an alias repeats its whole value; write the values out or "
+                "split the profile")
+        if self.chars > self.limits.max_chars:
+            raise ImportRejected(too_many_chars(self.limits))
+
+    def text(self, value: str) -> str:
+        """``value``, counted as it is taken (each item of a list can be a long aliased string)."""
+        self.visit(0, len(value) + 2)
+        return value
+
+    def fact(self, chars: int = 0) -> None:
+        self.facts += 1
+        if self.facts > self.limits.max_facts:
+            raise ImportRejected(
+                f"the profile expands to more than {self.limits.max_facts:,} facts, the most read from one file "
+                "(YAML aliases (*name) repeat their whole value each time they are used): split it into "
+                "smaller profiles")
+        self.visit(0, chars)
+
+
+def _attribute_facts(data: dict, budget: _Budget, prefix: str = "", depth: int = 0) -> list[str]:
     facts = []
     for key, value in data.items():
         label = f"{prefix}{str(key).replace('_', ' ').strip()}"
+        budget.visit(1, len(label))
         if isinstance(value, dict) and depth < 3:
-            facts += _attribute_facts(value, prefix=f"{label} ", depth=depth + 1)
+            facts += _attribute_facts(value, budget, prefix=f"{label} ", depth=depth + 1)
         elif isinstance(value, list):
-            items = [s for s in (_scalar(v) for v in value) if s]
+            budget.visit(len(value))
+            items = [budget.text(s) for s in (_scalar(v) for v in value) if s]
             if items:
+                budget.fact()
                 facts.append(f"My {label}: {', '.join(items)}.")
         else:
             text = _scalar(value)
             if text:
+                budget.fact(len(text))
                 facts.append(f"My {label} is {text}." if not text.endswith(".") else f"My {label} is {text}")
     return facts
 
@@ -60,10 +106,11 @@ def is_attribute_object(data) -> bool:
     return simple >= 1
 
 
-def attributes(data: dict, name: str, fmt: str) -> Parsed:
+def attributes(data: dict, name: str, fmt: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
+    """One fact per attribute ("My city is Lisbon."), within the limits on facts and characters."""
     person = next((str(data[k]).strip() for k in NAME_KEYS if _scalar(data.get(k))), None) or name
     rest = {k: v for k, v in data.items() if k not in NAME_KEYS}
-    facts = _attribute_facts(rest)
+    facts = _attribute_facts(rest, _Budget(limits))
     if person != name:
         facts.insert(0, f"My name is {person}.")
     if not facts:

@@ -28,6 +28,10 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
         if fn.__name__ in done:
             continue
         with db.atomic():
+            # Two processes starting on a new data root at once: the other may have applied it
+            # since ``done`` was read; under the write lock that is certain either way.
+            if db.execute("select 1 from _migrations where name = ?", [fn.__name__]).fetchone():
+                continue
             fn(db)
             db["_migrations"].insert({"name": fn.__name__, "applied": _now(db)})
         applied.append(fn.__name__)
@@ -150,3 +154,37 @@ def m003_job_control(db: sqlite_utils.Database) -> None:
         foreign_keys=[("job_id", "jobs", "id")],
     )
     db["job_logs"].create_index(["job_id", "id"])
+
+
+@migration
+def m004_job_attempts(db: sqlite_utils.Database) -> None:
+    """How many times a worker picked each job up: a job that keeps killing its worker is given up."""
+    db["jobs"].add_column("attempts", int, not_null_default=0)
+
+
+@migration
+def m005_one_ready_source_per_file(db: sqlite_utils.Database) -> None:
+    """At most one ready source per file content and collection, enforced by a unique index.
+
+    Two imports of the same folder at once could both add a file (the duplicate check ran
+    before their write transactions). Such duplicates already in a database are resolved
+    here: the first (lowest id) stays; each later one becomes ``deleted``, its records, chunks
+    and embeddings removed (the first holds the same content), with ``error`` saying which
+    source it duplicated. Packs that learned a later duplicate report it among their deleted
+    sources, as for any deleted source; the original file stays in uploads/ (the first uses it).
+    """
+    later = db.execute(
+        "select s.id, f.first from sources s join (select collection_id, sha256, min(id) as first from sources "
+        "where status = 'ready' group by collection_id, sha256 having count(*) > 1) f "
+        "on f.collection_id = s.collection_id and f.sha256 = s.sha256 "
+        "where s.status = 'ready' and s.id > f.first order by s.id").fetchall()
+    stamp = _now(db)
+    for source_id, first in later:
+        db.execute("delete from embeddings where chunk_id in (select id from chunks where source_id = ?)", [source_id])
+        db.execute("delete from chunks where source_id = ?", [source_id])
+        db.execute("delete from records where source_id = ?", [source_id])
+        db.execute("update sources set status = 'deleted', deleted = ?, error = ? where id = ?",
+                   [stamp, f"a duplicate of source {first} (the same file in the same collection), removed by "
+                           "the upgrade that allows one ready copy of a file per collection", source_id])
+    db.execute("create unique index if not exists sources_one_ready_per_file on sources (collection_id, sha256) "
+               "where status = 'ready'")
