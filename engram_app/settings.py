@@ -1,12 +1,16 @@
 """Settings shared by the CLI and the app: data root, base model, device, host and port.
 
-Each has a command-line option (``--home``, ``--model``, ``--device``, ``--host``, ``--port``);
-the data root can also be set with ``ENGRAM_HOME``.
+Each has a command-line option (``--home``, ``--model``, ``--device``, ``--host``, ``--port``,
+``--allowed-host``); the data root can also be set with ``ENGRAM_HOME``.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +23,66 @@ DEFAULT_HOME = Path(__file__).resolve().parent.parent / "storage"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# What the app writes is its user's alone: new folders 0700, new files 0600.
+PRIVATE_UMASK = 0o077
+# A host name (letters, digits, dots, hyphens), an IPv4 address, or an IPv6 address (in brackets or not).
+_LABEL = r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+log = logging.getLogger(__name__)
 
 
 def default_home() -> Path:
     """The data root: ``ENGRAM_HOME`` if set, else the repository's ``storage/``."""
     env = os.environ.get("ENGRAM_HOME")
     return Path(env).expanduser() if env else DEFAULT_HOME
+
+
+def allowed_host_names(values: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Host names from ``--allowed-host`` options or ``ENGRAM_ALLOWED_HOSTS`` (comma or space separated).
+
+    Lower case, without a port or brackets; anything that is not a host name or an IP address is
+    refused (``*`` too: answering to any name is what lets a DNS-rebinding page in).
+    """
+    if isinstance(values, str):
+        values = [values]
+    names: list[str] = []
+    for value in values:
+        for item in re.split(r"[\s,]+", value.strip()):
+            if not item:
+                continue
+            name, port = item.lower(), ""
+            if name.startswith("[") and "]" in name:  # [v6] or [v6]:port
+                name, _, port = name[1:].partition("]")
+                port = port.removeprefix(":") if port else port
+            elif name.count(":") == 1:  # name:port
+                name, port = name.split(":")
+            name = name.rstrip(".")
+            if (port and not port.isdigit()) or not (_HOST_NAME.match(name) or _is_ip_address(name)):
+                raise EngramError(f"--allowed-host {item!r} is not a host name or an IP address: give the name you "
+                                  "type in the browser's address bar, e.g. --allowed-host studio.lan.")
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def make_private(path: Path, mode: int) -> None:
+    """Take away group and other permissions from ``path`` (log, not fail, when we may not)."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+        if current & 0o077:
+            path.chmod(mode)
+            log.info("Made %s private to its user (mode %o, was %o).", path, mode, current)
+    except OSError as exc:
+        log.warning("Could not make %s private to its user: %s", path, exc)
 
 
 @dataclass
@@ -36,9 +94,15 @@ class Settings:
     port: int = DEFAULT_PORT
     max_upload_bytes: int = 50 * 2**20  # the largest file the library imports
     password: str | None = field(default=None, repr=False)  # the app asks for it when set (opt-in)
+    # Host names the web app answers to besides its bound address and the loopback names.
+    allowed_hosts: tuple[str, ...] = ()
+    # Bytes of pack adapters kept loaded on the shared base model (least recently used unloaded past it).
+    # None: a quarter of the RAM available (CPU) or of the free GPU memory when the model is loaded.
+    adapter_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()
+        self.allowed_hosts = allowed_host_names(self.allowed_hosts)
         if self.device not in DEVICE_CHOICES:
             raise EngramError(f"Unknown device {self.device!r}: use one of {', '.join(DEVICE_CHOICES)}.")
 
@@ -47,6 +111,19 @@ class Settings:
         return self.home / "models"
 
     def ensure_home(self) -> None:
+        """Create the data root private to its user, and tighten one created before.
+
+        Sets the process's umask so that every file written from now on (the database and its WAL,
+        uploads, packs, models, Gradio's cache; the worker inherits it) is 0600 and every folder
+        0700. A root made open by an earlier version is set to 0700 (which closes everything
+        below it) and its files to 0600.
+        """
+        os.umask(PRIVATE_UMASK)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private(self.home, 0o700)
+        for path in self.home.iterdir():
+            if path.is_file() and not path.is_symlink():
+                make_private(path, 0o600)
         self.models_dir.mkdir(parents=True, exist_ok=True)
 
 

@@ -13,6 +13,7 @@ from engram_app.settings import DEFAULT_HOST, Settings
 from engram_app.ui.chat_tab import build_chat_tab
 from engram_app.ui.inspect_tab import build_inspect_tab
 from engram_app.ui.library_tab import _source_rows, build_library_tab
+from engram_app.ui.security import CACHE_CLEANUP, HostPolicy, guard_middleware, web_cache
 from engram_app.ui.train_tab import build_train_tab
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ def status_markdown(service: Service) -> str:
 
 
 def build_app(service: Service) -> gr.Blocks:
-    with gr.Blocks(title="Engram Studio", analytics_enabled=False) as app:
+    # delete_cache: uploads and exported packs in Gradio's cache are removed once an hour old, and
+    # all of them when the server stops.
+    with gr.Blocks(title="Engram Studio", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
         with gr.Row(elem_id="header"):
             gr.HTML(
                 f'<div class="brand"><img src="/gradio_api/file={ASSETS / "logo.svg"}" alt="" width="36" height="36">'
@@ -90,8 +93,8 @@ def password_check(password: str):
     return lambda _user, given: hmac.compare_digest(given.encode(), expected)
 
 
-def launch(settings: Settings) -> None:
-    """Load the model, then serve the app (blocking)."""
+def launch(settings: Settings, block: bool = True) -> gr.Blocks:
+    """Load the model, then serve the app (blocking unless ``block`` is False: then ``close()`` it)."""
     service = Service(settings)
     runtime = service.load()
     log.info("Model ready in %.2f s.", runtime.loaded.load_seconds)
@@ -105,6 +108,9 @@ def launch(settings: Settings) -> None:
             print(f"Warning: the app listens on {settings.host} without a password: anyone on that network can read "
                   "your library and chat. Set ENGRAM_PASSWORD (or --password) to ask for one.", flush=True)
     auth = password_check(settings.password) if settings.password else None
+    web_cache(settings)  # Gradio's uploads and downloads stay under the data root
+    log.info("Answering to the host names %s (--allowed-host adds one).",
+             ", ".join(sorted(HostPolicy.for_settings(settings).names)))
     app = build_app(service)
     app.queue(default_concurrency_limit=1).launch(
         server_name=settings.host,
@@ -122,4 +128,10 @@ def launch(settings: Settings) -> None:
         favicon_path=ASSETS / "logo.svg",
         auth=auth,
         auth_message="Engram Studio asks for the password it was started with." if auth else None,
+        # Refuses requests for foreign host names (DNS rebinding) and limits failed logins.
+        app_kwargs={"middleware": [guard_middleware(settings)]},
+        # No static-file worker processes (GRADIO_NUM_WORKERS): every request goes through the guard.
+        num_workers=0,
+        prevent_thread_lock=not block,
     )
+    return app

@@ -13,6 +13,7 @@ import gradio as gr
 
 from engram_app.service import Service
 from engram_app.ui.errors import user_errors
+from engram_app.ui.security import discard_uploads
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "assets" / "examples"
 SOURCE_COLUMNS = ["id", "title", "kind", "format", "collection", "size (kB)", "chunks", "status", "error"]
@@ -63,6 +64,7 @@ def build_library_tab(service: Service):
         with user_errors():
             imported = service.ingest([Path(p) for p in paths], kind=how, collection=(where or "default").strip(),
                                       progress=report)
+        discard_uploads(paths, drop.GRADIO_CACHE)  # the library keeps its own copy (uploads/)
         rows = []
         for r in imported:
             details = {
