@@ -5,14 +5,19 @@
 
 The ``packs`` row points at its active version; rolling back points it at an earlier one. A
 version's folder is written under a temporary name and renamed, and only then recorded in the
-database, so a kill at any moment leaves the pack loadable at its previous version.
+database, so a kill at any moment leaves the pack loadable at its previous version. Before the
+row is written the folder is flushed to disk (``sync_folder``), and the commit itself is
+synchronous (store/db.py): a power cut cannot leave a recorded version whose files were still
+only in the operating system's cache.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +26,7 @@ import sqlite_utils
 
 from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
+from engram_app.store.batches import batched, placeholders
 from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, check_fits
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -37,6 +43,31 @@ def check_name(name: str) -> str:
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a finished folder to disk: its files, its folders, and the two folders above it.
+
+    Renaming a folder into place makes it whole or absent, but neither its files' contents nor the
+    rename are on disk until fsynced: the folders above record its name (the pack's folder, and
+    ``packs/`` for a pack's first version).
+    """
+    for top, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                _fsync(path)
+        _fsync(top)
+    _fsync(folder.parent)
+    _fsync(folder.parent.parent)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -72,18 +103,43 @@ class PackStore:
     def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
                collections: list[str] | None = None, mode: str = "engram", config: PackConfig | None = None) -> dict:
         check_name(name)
-        check_fits(size, self.root.parent)  # refused with the reason when this machine cannot hold it
-        if mode not in MODES:
-            raise EngramError(f"Unknown mode {mode!r}: choose one of {', '.join(MODES)}.")
-        if self.db["packs"].count_where("name = ?", [name]):
-            raise EngramError(f"A pack named {name!r} exists already.")
+        check_fits(size, self.root.parent)  # an unknown size is refused here too, with the sizes
         config = config or PackConfig(preset=size, mode=mode, engram=PRESETS[size].engram_config().to_dict())
-        with self.db.atomic():
-            self.db["packs"].insert({
-                "name": name, "base_model": base_model or "default", "config": json.dumps(asdict(config)),
-                "collections": json.dumps(sorted(set(collections or []))), "active_version": None, "created": now(),
-            })
+        self.reserve(name, base_model, config, collections)
         return self.get(name)
+
+    def reserve(self, name: str, base_model: str | None, config: PackConfig,
+                collections: list[str] | None = None) -> dict:
+        """Take ``name`` for a new pack of ``config``: insert its row (no version yet), in one transaction.
+
+        The unique index on names makes this the one place a name is decided: of two callers
+        racing for a name (two imports, an import and a create), exactly one inserts, and the other
+        is refused, before either has written a file. Returns the new row.
+        """
+        check_name(name)
+        if config.mode not in MODES:
+            raise EngramError(f"Unknown mode {config.mode!r}: choose one of {', '.join(MODES)}.")
+        check_fits(config.preset, self.root.parent)  # refused with the reason when this machine cannot hold it
+        try:
+            with self.db.atomic():
+                self.db["packs"].insert({
+                    "name": name, "base_model": base_model or "default", "config": json.dumps(asdict(config)),
+                    "collections": json.dumps(sorted(set(collections or []))), "active_version": None,
+                    "created": now(),
+                })
+        except sqlite3.IntegrityError:
+            raise EngramError(f"A pack named {name!r} exists already: choose another name.") from None
+        return self.row(name)
+
+    def release(self, pack_id: int) -> None:
+        """Give back a name taken with :meth:`reserve` whose pack was never finished.
+
+        Only a pack with no version and no job is removed: whatever else uses it is left alone.
+        """
+        with self.db.atomic():
+            self.db.execute("delete from packs where id = ? and active_version is null "
+                            "and not exists (select 1 from pack_versions where pack_id = ?) "
+                            "and not exists (select 1 from jobs where pack_id = ?)", [pack_id, pack_id, pack_id])
 
     def list(self) -> list[dict]:
         return [self._describe(row) for row in self.db.query("select * from packs order by name")]
@@ -106,10 +162,9 @@ class PackStore:
         active = next((v for v in versions if v["number"] == row["active_version"]), None)
         learned = active["sources"] if active else []
         forgotten = []
-        if learned:
-            marks = ",".join("?" * len(learned))
-            forgotten = [r["id"] for r in self.db.query(
-                f"select id from sources where status = 'deleted' and id in ({marks})", learned)]
+        for ids in batched(learned):  # one parameter per source: in batches under SQLite's limit
+            forgotten += [r["id"] for r in self.db.query(
+                f"select id from sources where status = 'deleted' and id in ({placeholders(ids)}) order by id", ids)]
         config = PackConfig(**json.loads(row["config"]))
         return {
             "id": row["id"], "name": row["name"], "base_model": row["base_model"], "preset": config.preset,
@@ -152,7 +207,11 @@ class PackStore:
 
     def record_version(self, pack_id: int, number: int, path: Path, job_id: int | None, sources: list[int],
                        evaluation: dict | None) -> None:
-        """Record a version whose folder is complete, and make it the active one (one transaction)."""
+        """Record a version whose folder is complete, and make it the active one (one transaction).
+
+        The folder is flushed to disk first: the row must never point at files a power cut can lose.
+        """
+        sync_folder(Path(path))
         with self.db.atomic():
             self.db.execute("delete from pack_versions where pack_id = ? and number = ?", [pack_id, number])
             self.db["pack_versions"].insert({

@@ -1,14 +1,28 @@
 """The worker process: takes jobs from SQLite in order and runs them, one at a time.
 
-Exactly one worker runs per data root: it holds an exclusive ``flock`` on ``<home>/worker.lock``
-for its whole life, so "is a worker alive?" is "is the lock held?" (the kernel releases it when
-the process dies, however it dies). The worker also writes ``<home>/worker.json`` (pid, state,
-heartbeat) for display.
+Exactly one worker runs per data root. It holds two ``flock`` locks for its whole life (the kernel
+releases them when the process dies, however it dies):
+
+- ``<home>/worker.lock``, exclusive: the one-worker rule. Only whoever starts a worker takes it,
+  without waiting: if it is held, a worker is running (or being started) and the start is refused.
+- ``<home>/worker.alive``, exclusive: what "is a worker alive?" asks. A probe tries to take it
+  *shared*, without waiting, and lets go at once: refused means alive. A probe never touches
+  ``worker.lock``, so it can never make a starting worker believe another one is running; a
+  starter that meets a probe on ``worker.alive`` waits the microseconds the probe lasts.
+
+The process that starts a worker takes both locks first and hands the locked descriptors to the
+child, so there is no moment when a starting worker is not seen as alive, and two callers cannot
+start two. The worker also writes ``<home>/worker.json`` (pid, state, heartbeat) for display.
 
 A thread beats every second: it stamps the job's heartbeat and reads its cancel flag. A cancel
-stops the job at its next step (the job writes what it learned when asked to); if the job has
-not stopped ``grace_seconds`` later, the worker records the job as cancelled and exits at once
-(hard stop); the pack keeps its previous version.
+stops the job at its next training step (the job then evaluates and writes what it learned, when
+asked to). The grace period counts training time only: if the job is still training
+``grace_seconds`` after the cancel, the worker records it as cancelled and exits at once (hard
+stop; the pack keeps its previous version). Its evaluation and save are never cut short.
+
+Each job a worker picks up counts an attempt (jobs.py); a job that took down ``MAX_ATTEMPTS``
+workers is marked failed instead of being resumed again, and the queue moves on. When a worker
+starts it removes the job folders (checkpoints) that a hard stop or a crash left behind.
 """
 
 from __future__ import annotations
@@ -17,40 +31,102 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from engram_app.errors import EngramError
 from engram_app.settings import Settings
 from engram_app.store import open_db
 from engram_app.training.job import JobRunner
-from engram_app.training.jobs import JobQueue
+from engram_app.training.jobs import ACTIVE, JobQueue
 from engram_app.training.packs import now
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "worker.lock"
+ALIVE_NAME = "worker.alive"
 INFO_NAME = "worker.json"
 BEAT_SECONDS = 1.0
 GRACE_SECONDS = 30.0
+PROBE_WAIT_SECONDS = 2.0  # far more than a probe holds worker.alive; only a live worker holds it longer
 
 
 def worker_alive(home: Path) -> bool:
-    """Whether a worker process holds this data root's worker lock."""
-    path = Path(home) / LOCK_NAME
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
+    """Whether a worker process is alive (or being started) for this data root.
+
+    Takes ``worker.alive`` shared for an instant, never ``worker.lock``: see the module docstring.
+    """
+    try:
+        handle = open(Path(home) / ALIVE_NAME, "rb")
+    except FileNotFoundError:
+        return False  # no worker ever ran here
+    with handle:  # closing the file lets go of the shared lock
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+@dataclass
+class WorkerLocks:
+    """The two locked files that make a process the data root's worker."""
+
+    lock: IO
+    alive: IO
+
+    @classmethod
+    def claim(cls, home: Path) -> WorkerLocks | None:
+        """Both locks, or None when a worker holds them (or is being started)."""
+        lock = open(home / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return None
+        alive = open(home / ALIVE_NAME, "a+")
+        if not _lock_waiting(alive, PROBE_WAIT_SECONDS):  # a worker started before worker.lock was replaced
+            alive.close()
+            lock.close()
+            return None
+        return cls(lock, alive)
+
+    @classmethod
+    def adopt(cls, home: Path, lock_fd: int, alive_fd: int | None) -> WorkerLocks:
+        """The locks the starting process took and handed to us as descriptors."""
+        lock = os.fdopen(lock_fd, "a+")
+        if alive_fd is not None:
+            return cls(lock, os.fdopen(alive_fd, "a+"))
+        alive = open(home / ALIVE_NAME, "a+")  # a starter that handed only worker.lock
+        _lock_waiting(alive, PROBE_WAIT_SECONDS)
+        return cls(lock, alive)
+
+    def fds(self) -> tuple[int, int]:
+        return self.lock.fileno(), self.alive.fileno()
+
+    def release(self) -> None:
+        self.alive.close()
+        self.lock.close()
+
+
+def _lock_waiting(handle: IO, seconds: float) -> bool:
+    """Take an exclusive lock, waiting up to ``seconds`` for probes to let go of it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
 
 
 def worker_info(home: Path) -> dict:
@@ -69,56 +145,51 @@ def worker_info(home: Path) -> dict:
 def start_worker(settings: Settings, idle_exit: float | None = 300.0) -> int | None:
     """Start a worker in its own session (it outlives the caller); None if one is alive already.
 
-    The caller takes the worker lock and hands the locked file descriptor to the child, so there
-    is no moment when a starting worker does not hold the lock: two callers cannot start two.
+    The caller takes the worker's locks and hands the locked descriptors to the child, so there
+    is no moment when a starting worker does not hold them: two callers cannot start two.
     """
     settings.ensure_home()
-    handle = open(settings.home / LOCK_NAME, "a+")
+    locks = WorkerLocks.claim(settings.home)
+    if locks is None:
+        return None
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
-        fd = handle.fileno()
+        lock_fd, alive_fd = locks.fds()
         command = [sys.executable, "-m", "engram_app", "worker", "--home", str(settings.home), "--device",
-                   settings.device, "--lock-fd", str(fd)]
+                   settings.device, "--lock-fd", str(lock_fd), "--alive-fd", str(alive_fd)]
         if settings.model:
             command += ["--model", settings.model]
         if idle_exit is not None:
             command += ["--idle-exit", str(idle_exit)]
         with open(settings.home / "worker.log", "ab") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, pass_fds=(fd,), cwd=Path(__file__).resolve().parents[2])
+                                    start_new_session=True, pass_fds=(lock_fd, alive_fd),
+                                    cwd=Path(__file__).resolve().parents[2])
         return proc.pid
     finally:
-        handle.close()  # the child's copy of the descriptor keeps the lock
+        locks.release()  # the child's copies of the descriptors keep the locks
 
 
 class Worker:
     def __init__(self, settings: Settings, idle_exit: float | None = None, grace_seconds: float = GRACE_SECONDS,
-                 lock_fd: int | None = None):
+                 lock_fd: int | None = None, alive_fd: int | None = None):
         self.settings, self.idle_exit, self.grace = settings, idle_exit, grace_seconds
-        self.lock_fd = lock_fd  # a descriptor of the lock file, already locked by the process that started us
+        # descriptors of the lock files, already locked by the process that started us
+        self.lock_fd, self.alive_fd = lock_fd, alive_fd
         self.home = settings.home
-        self._lock_handle = None
+        self._locks: WorkerLocks | None = None
         self._stop = threading.Event()  # ask the worker to exit (SIGTERM)
         self._cancel = threading.Event()  # the current job was cancelled
         self._job_id: int | None = None
-        self._cancel_seen: float | None = None
+        self._runner: JobRunner | None = None
+        self._cancel_clock: float | None = None  # when a cancelled job was first seen training
 
     def _acquire(self) -> bool:
         self.settings.ensure_home()
         if self.lock_fd is not None:
-            self._lock_handle = os.fdopen(self.lock_fd, "a+")
-            return True
-        handle = open(self.home / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return False
-        self._lock_handle = handle
-        return True
+            self._locks = WorkerLocks.adopt(self.home, self.lock_fd, self.alive_fd)
+        else:
+            self._locks = WorkerLocks.claim(self.home)
+        return self._locks is not None
 
     def _write_info(self, state: str) -> None:
         info = {"pid": os.getpid(), "state": state, "job": self._job_id, "heartbeat": now()}
@@ -126,36 +197,67 @@ class Worker:
         tmp.write_text(json.dumps(info))
         tmp.replace(self.home / INFO_NAME)
 
-    def _beat(self) -> None:
-        db = open_db(self.home)
-        queue = JobQueue(db)
+    def _beat(self, queue: JobQueue) -> None:
         while not self._stop.is_set():
             job_id = self._job_id
             try:
                 self._write_info("training" if job_id else "idle")
                 if job_id is not None and queue.heartbeat(job_id):
                     self._cancel.set()
-                    self._cancel_seen = self._cancel_seen or time.monotonic()
-                    if time.monotonic() - self._cancel_seen > self.grace and self._job_id == job_id:
-                        log.warning("job %s did not stop within %.0f s of its cancel: stopping hard", job_id, self.grace)
-                        queue.log(job_id, f"cancel: no stop within {self.grace:.0f} s, the worker stopped it", "warning")
-                        queue.finish(job_id, "cancelled", {"outcome": "cancelled", "version": None, "hard_stop": True})
-                        os._exit(3)
+                    if self._grace_spent(job_id) and self._job_id == job_id:
+                        self._hard_stop(queue, job_id)
             except Exception:  # a locked database or a full disk must not kill the heartbeat
                 log.exception("heartbeat failed")
-            time.sleep(BEAT_SECONDS)
+            self._stop.wait(BEAT_SECONDS)
+
+    def _grace_spent(self, job_id: int) -> bool:
+        """Whether the cancelled job has kept training for ``grace`` seconds since the cancel was seen.
+
+        Only training counts: the clock starts when a beat sees the job training with its cancel
+        pending, and once the job has left training (it evaluates and writes its version) it is
+        never stopped.
+        """
+        runner = self._runner
+        if runner is None or runner.job_id != job_id or runner.phase != "training":
+            return False
+        self._cancel_clock = self._cancel_clock or time.monotonic()
+        return time.monotonic() - self._cancel_clock > self.grace
+
+    def _hard_stop(self, queue: JobQueue, job_id: int) -> None:
+        log.warning("job %s did not stop within %.0f s of its cancel: stopping hard", job_id, self.grace)
+        queue.log(job_id, f"cancel: no stop within {self.grace:.0f} s, the worker stopped it", "warning")
+        queue.finish(job_id, "cancelled", {"outcome": "cancelled", "version": None, "hard_stop": True})
+        self._exit(3)
+
+    def _exit(self, code: int) -> None:
+        """End the process at once, whatever its other threads are doing (the training step)."""
+        os._exit(code)
 
     def run(self) -> int:
         if not self._acquire():
             raise EngramError(f"A worker is already running for {self.home}.")
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        db = open_db(self.home)
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            return self._serve()
+        finally:
+            self._stop.set()
+            signal.signal(signal.SIGTERM, previous)
+            self._locks.release()  # as the kernel would when the process ends
+
+    def _serve(self) -> int:
+        db = open_db(self.home)  # each thread below uses its own connection to it
         queue = JobQueue(db)
-        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
+        self._clean_leftovers(db)
+        beat = threading.Thread(target=self._beat, args=(queue,), name="heartbeat", daemon=True)
+        beat.start()
         idle_since = time.monotonic()
         name = f"{os.uname().nodename}:{os.getpid()}"
         log.info("worker %s started for %s", name, self.home)
         while not self._stop.is_set():
+            given_up = queue.fail_crashed()
+            if given_up:
+                log.warning("gave up jobs %s: each took down %d workers", given_up, queue.max_attempts)
+                self._clean_leftovers(db)
             job = queue.claim(name)
             if job is None:
                 if self.idle_exit is not None and time.monotonic() - idle_since > self.idle_exit:
@@ -164,21 +266,38 @@ class Worker:
                 continue
             self._run_job(queue, db, job)
             idle_since = time.monotonic()
+        self._stop.set()
+        beat.join()
         self._write_info("stopped")
         return 0
 
+    def _clean_leftovers(self, db) -> None:
+        """Remove the job folders (checkpoints) of jobs that are over.
+
+        A job removes its folder when it ends; a hard stop or a crash cannot, and a job given up
+        after crashing never ends by itself. Folders of queued and interrupted jobs stay: an
+        interrupted job resumes from its checkpoint.
+        """
+        marks = ",".join("?" * len(ACTIVE))
+        active = {r["id"] for r in db.query(f"select id from jobs where status in ({marks})", list(ACTIVE))}
+        for folder in sorted((self.home / "packs").glob("*/jobs/*")):
+            if folder.is_dir() and not (folder.name.isdigit() and int(folder.name) in active):
+                log.info("removing %s, left by a job that is over", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _run_job(self, queue: JobQueue, db, job: dict) -> None:
         self._cancel.clear()
-        self._cancel_seen = None
-        self._job_id = job["id"]
+        self._cancel_clock = None
         if job["cancel_requested"]:
             self._cancel.set()
         runner = JobRunner(self.settings, db, job, should_stop=lambda: self._cancel.is_set() or self._stop.is_set(),
                            shutting_down=lambda: self._stop.is_set() and not self._cancel.is_set())
+        self._runner, self._job_id = runner, job["id"]
         try:
             result = runner.run()
             if result["outcome"] == "interrupted":
-                return  # the worker is shutting down: the job stays running, the next worker resumes it
+                queue.hand_back(job["id"])  # a polite stop, not a crash: the next worker resumes the job
+                return
             queue.finish(job["id"], "cancelled" if result["outcome"] == "cancelled" else "done", result)
         except EngramError as exc:
             runner.say(str(exc), "error")
@@ -188,3 +307,4 @@ class Worker:
             queue.finish(job["id"], "failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._job_id = None
+            self._runner = None
