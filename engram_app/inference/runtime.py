@@ -7,6 +7,7 @@ the place where later features observe every generated token as it is produced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -50,16 +51,26 @@ class Message:
 
 
 class Runtime:
-    """Wraps a :class:`LoadedModel` for chat. One model call at a time per runtime (a lock)."""
+    """Wraps a :class:`LoadedModel` for chat. One model call at a time per model (a lock).
 
-    def __init__(self, loaded: LoadedModel):
+    ``lock``: shared by every runtime on the same model (the views of a ``ModelPool``, pool.py).
+    """
+
+    def __init__(self, loaded: LoadedModel, lock: threading.RLock | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device.device
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.RLock()
         self.stop_ids = self._stop_ids()
         self.adapted = None  # set when the model wears a memory pack (engram_app.training.adapters.Adapted)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold the model for the calls made inside this block: its lock, and (on a shared model,
+        pool.py) this runtime's adapters switched on. Every model call goes through it."""
+        with self._lock:
+            yield
 
     def _stop_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -101,10 +112,14 @@ class Runtime:
 
     def _forward(self, recorder, first_position: int, **inputs):
         """One model call under the lock; with a recorder, the memory's trace of it is kept."""
-        with self._lock, torch.inference_mode():
+        with self.session(), torch.inference_mode():
             if recorder is None:
                 return self.model(**inputs)
-            with recorder.memory.tracing() as calls:
+            # The memory loaded now: on a shared model it may have been unloaded and loaded again
+            # since the reply began (same weights, another object), and only the loaded one traces.
+            memory = self.adapted.memory if self.adapted is not None and self.adapted.memory is not None \
+                else recorder.memory
+            with memory.tracing() as calls:
                 out = self.model(**inputs)
             recorder.add(first_position, calls[-1])
             return out

@@ -62,6 +62,7 @@ def build_chat_tab(service: Service):
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear = gr.Button("New chat", scale=1, elem_id="chat-clear")
         inspect = gr.Button("Inspect last reply", scale=1, elem_id="chat-inspect", interactive=False)
+        unload = gr.Button("Unload pack", scale=1, elem_id="chat-unload", size="sm")
     retrieved = gr.Dataframe(headers=["score", "source", "passage"], value=[], label="Passages put in the prompt",
                              interactive=False, visible=False, elem_id="chat-retrieved", wrap=True)
     with gr.Accordion("Generation options", open=False):
@@ -136,6 +137,17 @@ def build_chat_tab(service: Service):
                 if not answers[i].strip():
                     answers[i] = EMPTY_REPLY
                     yield tuple(answers)
+
+    def unload_pack(p: str | None) -> None:
+        """Free the chosen pack's adapters on the shared base model (its next chat loads them again)."""
+        if chosen(p) is None:
+            raise gr.Error("Choose a memory pack to unload.")
+        with user_errors():
+            info = service.unload_pack(chosen(p))
+        gr.Info(f"Unloaded pack {info['pack']}: {info['freed_bytes'] / 2**20:.1f} MB freed." if info["unloaded"]
+                else f"Pack {info['pack']} was not loaded.")
+
+    unload.click(unload_pack, [pack], None, api_name="unload_pack")
 
     inputs = [message, chatbot, conversation, pack, memory, retrieval, max_tokens, temperature, top_p]
     outputs = [message, chatbot, conversation, last_reply, inspect, retrieved, conversations]
