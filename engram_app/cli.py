@@ -168,11 +168,16 @@ def prepare(settings: Settings) -> None:
 @click.option("--password", envvar="ENGRAM_PASSWORD", default=None, show_envvar=True,
               help="Ask for this password (any user name) before showing the app: set it when --host exposes the "
                    "app on a network. Prefer the environment variable (a command line is visible to other users).")
-def serve(settings: Settings, host: str, port: int, password: str | None) -> None:
+@click.option("--allowed-host", "allowed_hosts", multiple=True, envvar="ENGRAM_ALLOWED_HOSTS", show_envvar=True,
+              help="A host name the app answers to besides its address and localhost (repeatable; the variable takes "
+                   "several, comma separated). Requests for any other name are refused (DNS rebinding).")
+def serve(settings: Settings, host: str, port: int, password: str | None, allowed_hosts: tuple[str, ...]) -> None:
     """Start the web app (the same as running app.py)."""
+    from engram_app.settings import allowed_host_names
     from engram_app.ui import launch
 
     settings.host, settings.port, settings.password = host, port, password or None
+    settings.allowed_hosts = allowed_host_names(allowed_hosts)
     launch(settings)
 
 
@@ -339,11 +344,19 @@ def pack_create(settings: Settings, name: str, size: str, collections: tuple[str
 @click.option("--version", "number", type=int, default=None, help="The version to export (default: the active one).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The file to write (default: <home>/exports/NAME-vN.zip).")
-def pack_export(settings: Settings, name: str, number: int | None, output: Path | None) -> None:
-    """Write a version of pack NAME as one .zip file (adapter weights and config; no sources)."""
+@click.option("--format", "fmt", type=click.Choice(["zip", "peft"]), default="zip", show_default=True,
+              help="zip: one file for `pack import`. peft: a PEFT adapter folder DIR with a model card, for "
+                   "PeftModel.from_pretrained or the Hugging Face Hub.")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+def pack_export(settings: Settings, name: str, number: int | None, output: Path | None, fmt: str,
+                directory: Path | None) -> None:
+    """Write a version of pack NAME as one .zip file (adapter weights and config; no sources), or with
+    --format peft as the PEFT adapter folder DIRECTORY (default: <home>/exports/NAME-vN)."""
     from engram_app.service import Service
 
-    click.echo(Service(settings).export_pack(name, output, number))
+    if directory is not None and fmt != "peft":
+        raise click.UsageError("DIRECTORY is for --format peft; a .zip goes where -o says.")
+    click.echo(Service(settings).export_pack(name, directory or output, number, format=fmt))
 
 
 @pack.command("import")
@@ -361,6 +374,22 @@ def pack_import(settings: Settings, file: Path, name: str | None, as_json: bool)
     else:
         click.echo(f"Imported pack {info['name']} ({info['mode']}, {info['preset']}, base {info['base_model']}) "
                    f"at version {info['active_version']}.")
+
+
+@pack.command("unload")
+@settings_options
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def pack_unload(settings: Settings, name: str, as_json: bool) -> None:
+    """Free the adapters of pack NAME loaded on the shared base model (the next chat with it loads them again)."""
+    from engram_app.service import Service
+
+    info = Service(settings).unload_pack(name)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"Unloaded {info['unloaded']} version(s) of pack {info['pack']} "
+                   f"({info['freed_bytes'] / 2**20:.1f} MB freed).")
 
 
 @pack.command("sizes")
@@ -388,16 +417,20 @@ def pack_sizes(settings: Settings, as_json: bool) -> None:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--full", is_flag=True, help="Retrain from scratch on every source (drops deleted sources' writes).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation at the end.")
+@click.option("--until-recalled/--no-until-recalled", default=True, show_default=True,
+              help="Stop as soon as the facts of the pack's profiles are recalled (checked every 10 steps).")
 @click.option("--wait", is_flag=True, help="Wait for the job to finish (starting a worker if none is running).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON (at the end with --wait).")
 def train(settings: Settings, pack_name: str, max_steps: int | None, max_minutes: float | None, epochs: float | None,
-          lr: float | None, batch_size: int | None, full: bool, no_eval: bool, wait: bool, as_json: bool) -> None:
+          lr: float | None, batch_size: int | None, full: bool, no_eval: bool, until_recalled: bool, wait: bool,
+          as_json: bool) -> None:
     """Queue a training job for a pack: it learns the sources it has not learned yet."""
     from engram_app.service import Service
     from engram_app.training import TrainOptions
 
     given = {"max_steps": max_steps, "max_minutes": max_minutes, "epochs": epochs, "lr": lr, "batch_size": batch_size}
-    options = TrainOptions(**{k: v for k, v in given.items() if v is not None}, full=full, evaluate=not no_eval)
+    options = TrainOptions(**{k: v for k, v in given.items() if v is not None}, full=full, evaluate=not no_eval,
+                           until_recalled=until_recalled)
     service = Service(settings)
     job = service.train(pack_name, options)
     if not wait:
@@ -535,12 +568,13 @@ def eval_command(settings: Settings, pack_name: str, probes_file: Path, as_json:
 @settings_options
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without a job.")
 @click.option("--lock-fd", type=int, default=None, hidden=True)
-def worker(settings: Settings, idle_exit: float | None, lock_fd: int | None) -> None:
+@click.option("--alive-fd", type=int, default=None, hidden=True)
+def worker(settings: Settings, idle_exit: float | None, lock_fd: int | None, alive_fd: int | None) -> None:
     """Run the training worker in the foreground (the app starts one by itself)."""
     from engram_app.training.worker import Worker
 
     logging.getLogger().setLevel(logging.INFO)
-    Worker(settings, idle_exit=idle_exit, lock_fd=lock_fd).run()
+    Worker(settings, idle_exit=idle_exit, lock_fd=lock_fd, alive_fd=alive_fd).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,7 @@ start-up so that the first chat message is answered at once).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import shutil
 import threading
 import time
 
@@ -27,6 +25,7 @@ from engram_app.settings import Settings, resolve_device
 if TYPE_CHECKING:
     import sqlite_utils
 
+    from engram_app.inference.pool import ModelPool
     from engram_app.ingest import ImportResult, Library
     from engram_app.training import TrainOptions
 
@@ -74,21 +73,34 @@ class Service:
         self._runtime: Runtime | None = None
         self._library: Library | None = None
         self._db: sqlite_utils.Database | None = None
-        self._pack_runtimes: dict[str, tuple[int, Runtime]] = {}  # pack -> (version, runtime)
+        self._pools: dict[str | None, ModelPool] = {}  # base model id -> its one loaded copy and pack adapters
+        self._pack_runtimes: dict[str, tuple[int, Runtime]] = {}  # pack -> (version, runtime on its pool)
         self._slot_indexes: dict = {}
         self._load_lock = threading.Lock()
+        self._db_lock = threading.Lock()  # not _load_lock: db() is called while that one is held
 
     # --- model --------------------------------------------------------------------------
 
     def load(self) -> Runtime:
         """Load (and on first use convert) the base model; later calls return the same runtime."""
+        if self._runtime is None:
+            self._runtime = self.model_pool(self.settings.model).base_runtime
+        return self._runtime
+
+    def model_pool(self, base_id: str | None) -> ModelPool:
+        """The one loaded copy of base model ``base_id`` (None: the bundled one), shared by every pack on it."""
+        from engram_app.inference.pool import ModelPool, default_budget
+
         with self._load_lock:
-            if self._runtime is None:
+            pool = self._pools.get(base_id)
+            if pool is None:
                 self.settings.ensure_home()
                 device = resolve_device(self.settings.device)
-                loaded = load_base_model(self.settings.model, self.settings.models_dir, device)
-                self._runtime = Runtime(loaded)
-            return self._runtime
+                loaded = load_base_model(base_id, self.settings.models_dir, device)
+                budget = self.settings.adapter_budget_bytes
+                pool = ModelPool(loaded, budget if budget is not None else default_budget(device.device))
+                self._pools[base_id] = pool
+            return pool
 
     @property
     def runtime(self) -> Runtime:
@@ -233,44 +245,69 @@ class Service:
                 "tokens": arrays.tokens(runtime.adapted.memory, runtime.tokenizer, arrays.start)}
 
     def chat_runtime(self, pack: str | None = None, memory: bool = True) -> Runtime:
-        """The runtime for a chat: the base model, or a copy of it wearing ``pack``'s active version.
+        """The runtime for a chat: the base model, or the base model wearing ``pack``'s active version.
 
-        Each pack gets its own copy of the base model (its adapters live on it); a copy is rebuilt
-        when the pack's active version changes (a job finished, or a rollback), so chat uses the
-        new version at once.
+        Every pack on a base model shares its one loaded copy (inference/pool.py): a pack's
+        adapters are loaded on first use and switched on for each of its model calls; memory off
+        is the same model with every adapter off. When the pack's active version changes (a job
+        finished, or a rollback) the new version is loaded on the next call and the old one freed,
+        so chat uses the new version at once.
         """
         if pack is None:
             return self.runtime
-        from engram_app.training import adapters
+        from engram_app.inference.pool import AdapterSpec, adapter_key
         from engram_app.training.job import model_spec
 
         store = self.packs_store()
         info = store.get(pack)
-        if not memory and model_spec(info["base_model"]) == self.settings.model:
-            return self.runtime
+        pool = self.model_pool(model_spec(info["base_model"]))
+        if not memory:
+            return pool.base_runtime
         with self._load_lock:
-            cached = self._pack_runtimes.get(pack if memory else f"{pack}\0off")
-            key = info["active_version"] if memory else -1
-            if cached is not None and cached[0] == key:
+            cached = self._pack_runtimes.get(pack)
+            if cached is not None and cached[0] == info["active_version"] and cached[1].pool is pool:
                 return cached[1]
-            device = resolve_device(self.settings.device)
-            loaded = load_base_model(model_spec(info["base_model"]), self.settings.models_dir, device)
-            adapted = None
-            if memory:
-                config = store.config(store.row(pack))
-                version = store.version(pack)
-                if version is None:  # not trained yet: fresh adapters, which leave the model unchanged
-                    torch.manual_seed(0)
-                    adapted = adapters.attach(loaded.model, loaded.tokenizer, config)
-                else:
-                    adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), config)
-                adapted.model.eval()
-                loaded = dataclasses.replace(loaded, model=adapted.model)
-            runtime = Runtime(loaded)
-            runtime.adapted = adapted  # the pack's adapters (memory, LoRA) on this runtime's model
-            runtime.pack_version = info["active_version"] if memory else None
-            self._pack_runtimes[pack if memory else f"{pack}\0off"] = (key, runtime)
-            return runtime
+        row = store.row(pack)
+        version = store.version(pack)
+        spec = AdapterSpec(adapter_key(row["id"], info["active_version"]),
+                           Path(version["path"]) if version is not None else None, store.config(row))
+        runtime = pool.runtime(spec)
+        runtime.pack_version = info["active_version"]
+        with self._load_lock:
+            previous = self._pack_runtimes.get(pack)
+            self._pack_runtimes[pack] = (info["active_version"], runtime)
+        if previous is not None and previous[1].spec.key != spec.key:
+            previous[1].pool.unload(previous[1].spec.key)  # a reply still running with it loads it again
+        return runtime
+
+    def unload_pack(self, name: str) -> dict:
+        """Free the adapters of pack ``name`` (every version) on the shared model; the next chat with
+        it loads them again. Returns what was unloaded and the bytes freed."""
+        from engram_app.inference.pool import pack_prefix
+
+        prefix = pack_prefix(self.packs_store().row(name)["id"])  # every version of this pack
+        with self._load_lock:
+            self._pack_runtimes.pop(name, None)
+            pools = list(self._pools.values())
+        keys, freed = [], 0
+        for pool in pools:
+            unloaded, nbytes = pool.unload_where(lambda key: key.startswith(prefix))
+            keys += unloaded
+            freed += nbytes
+        return {"pack": name, "unloaded": len(keys), "freed_bytes": freed}
+
+    def loaded_packs(self) -> list[dict]:
+        """The pack adapters loaded on the shared models now, least recently used first."""
+        names = {r["id"]: r["name"] for r in self.db().query("select id, name from packs")}
+        out = []
+        with self._load_lock:
+            pools = list(self._pools.items())
+        for base_id, pool in pools:
+            for key, nbytes in pool.loaded_adapters().items():
+                pack_id, _, version = key.removeprefix("pack").partition("_v")
+                out.append({"pack": names.get(int(pack_id)), "version": int(version) or None,
+                            "base_model": base_id or "default", "bytes": nbytes})
+        return out
 
     # --- library ------------------------------------------------------------------------
 
@@ -288,12 +325,11 @@ class Service:
         """The memory library of the data root (chunking uses the base model's tokenizer)."""
         if self._library is None:
             from engram_app.ingest import Library
-            from engram_app.store import open_db
 
             tokenizer = self.tokenizer()
             with self._load_lock:
                 if self._library is None:
-                    self._library = Library(open_db(self.settings.home), self.settings.home, tokenizer,
+                    self._library = Library(self.db(), self.settings.home, tokenizer,
                                             max_bytes=self.settings.max_upload_bytes)
         return self._library
 
@@ -334,7 +370,7 @@ class Service:
         vocab = runtime.model.get_input_embeddings().weight.shape[0]
         if not ids or min(ids) < 0 or max(ids) >= vocab:
             raise EngramError(f"Token ids must be between 0 and {vocab - 1} (the model's vocabulary).")
-        with runtime._lock:
+        with runtime.session():
             return trace_tokens(runtime.adapted.memory, runtime.tokenizer, ids)
 
     def memory_effect(self, pack: str, ids: Sequence[int], start: int = 1) -> list[dict]:
@@ -343,7 +379,7 @@ class Service:
         ids = [int(i) for i in ids]
         device = runtime.device
         tensor = torch.tensor([ids], device=device)
-        with runtime._lock, torch.inference_mode():
+        with runtime.session(), torch.inference_mode():
             on = torch.log_softmax(runtime.model(input_ids=tensor).logits[0].float(), -1)
             with runtime.adapted.off():
                 off = torch.log_softmax(runtime.model(input_ids=tensor).logits[0].float(), -1)
@@ -406,11 +442,14 @@ class Service:
     # --- memory packs and training -----------------------------------------------------------
 
     def db(self) -> sqlite_utils.Database:
+        """The data root's database; every thread that uses it gets its own connection (store/db.py)."""
         if self._db is None:
             from engram_app.store import open_db
 
-            self.settings.ensure_home()
-            self._db = open_db(self.settings.home)
+            with self._db_lock:
+                if self._db is None:
+                    self.settings.ensure_home()
+                    self._db = open_db(self.settings.home)
         return self._db
 
     def packs_store(self):
@@ -439,57 +478,39 @@ class Service:
     def rollback(self, name: str, version: int) -> dict:
         return self.packs_store().rollback(name, version)
 
-    def export_pack(self, name: str, destination: str | Path | None = None, version: int | None = None) -> Path:
-        """Write a version of a pack (the active one by default) as one .zip file; returns its path."""
+    def export_pack(self, name: str, destination: str | Path | None = None, version: int | None = None,
+                    format: str = "zip") -> Path:
+        """Write a version of a pack (the active one by default); returns its path.
+
+        ``format``: "zip", one file for `pack import`; or "peft", a PEFT adapter folder with a model
+        card, to load with ``PeftModel.from_pretrained`` or push to the Hugging Face Hub as it is.
+        """
         from engram_app.training.transfer import export_pack
 
+        if format not in ("zip", "peft"):
+            raise EngramError(f"Unknown export format {format!r}: choose zip or peft.")
         store = self.packs_store()
         number = version or store.get(name)["active_version"]
-        destination = Path(destination) if destination else self.settings.home / "exports" / f"{name}-v{number}.zip"
-        return export_pack(store, name, destination, version)
+        default = self.settings.home / "exports" / (f"{name}-v{number}" + (".zip" if format == "zip" else ""))
+        destination = Path(destination) if destination else default
+        if format == "zip":
+            return export_pack(store, name, destination, version)
+        from engram_app.training.job import model_spec
+        from engram_app.training.peft_export import export_peft
+
+        def load_base():
+            loaded = load_base_model(model_spec(store.get(name)["base_model"]), self.settings.models_dir,
+                                     resolve_device(self.settings.device))
+            return loaded.model, loaded.tokenizer
+
+        return export_peft(self.db(), store, name, destination, version, load_base=load_base)
 
     def import_pack(self, path: str | Path, name: str | None = None) -> dict:
-        """A pack file (from :meth:`export_pack`) as a new pack with one version, checked against its base model."""
-        from engram_app.engram.io import replace_folder
-        from engram_app.training import adapters
-        from engram_app.training.job import model_spec
-        from engram_app.training.packs import check_name
-        from engram_app.training.transfer import import_config, read_manifest, unpack_adapter
+        """A pack file (from :meth:`export_pack`) as a new pack with one version; anything in it that
+        cannot be vouched for is refused before a byte of it is written (training/transfer.py)."""
+        from engram_app.training.transfer import import_pack
 
-        manifest, members = read_manifest(Path(path))
-        store = self.packs_store()
-        name = check_name((name or "").strip() or str(manifest.get("name", "")))
-        if self.db()["packs"].count_where("name = ?", [name]):
-            raise EngramError(f"A pack named {name!r} exists already: import it under another name.")
-        config = import_config(manifest)
-        base = str(manifest.get("base_model") or "default")
-        device = resolve_device(self.settings.device)
-        loaded = load_base_model(model_spec(base), self.settings.models_dir, device)  # clear error when absent
-        tmp = store.folder(name).with_name(f".{name}.import")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            unpack_adapter(Path(path), members, tmp / "v1")
-            try:  # the adapter must load onto its base model (its fingerprint is checked) before it is kept
-                adapters.load(loaded.model, loaded.tokenizer, tmp / "v1", config)
-            except EngramError:
-                raise
-            except Exception as exc:
-                raise EngramError(f"{Path(path).name}: its adapter does not load ({exc}).") from None
-            del loaded
-            evaluation = dict(manifest.get("evaluation") or {})
-            evaluation["imported"] = {"file": Path(path).name, "pack": manifest.get("name"),
-                                      "version": manifest.get("version"), "exported": manifest.get("exported")}
-            replace_folder(tmp, store.folder(name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            with self.db().atomic():
-                pack = store.create(name, base, size=config.preset, mode=config.mode, config=config)
-                store.record_version(pack["id"], 1, store.version_folder(name, 1), None, [], evaluation)
-        except BaseException:
-            shutil.rmtree(store.folder(name), ignore_errors=True)
-            raise
-        return store.get(name)
+        return import_pack(self.packs_store(), self.settings, Path(path), name)
 
     def plan_training(self, pack: str, options: TrainOptions) -> dict:
         """What a job would learn: new and replayed source ids, and the version it starts from."""
@@ -572,19 +593,13 @@ class Service:
 
     def evaluate(self, pack: str, probes, progress=None) -> dict:
         """The ``eval`` report for ``probes`` on the pack's active version (memory on and off)."""
-        from engram_app.training import adapters
         from engram_app.training.evaluate import run_probes
-        from engram_app.training.job import model_spec
 
-        store = self.packs_store()
-        info = store.get(pack)
-        version = store.version(pack)
-        if version is None:
+        if self.packs_store().version(pack) is None:
             raise EngramError(f"Pack {pack!r} has no trained version yet: train it first (`train --pack {pack}`).")
-        loaded = load_base_model(model_spec(info["base_model"]), self.settings.models_dir,
-                                 resolve_device(self.settings.device))
-        adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), store.config(store.row(pack)))
-        return run_probes(adapted, loaded.tokenizer, probes, progress)
+        runtime = self.chat_runtime(pack, True)  # on the shared base model; chats wait while it runs
+        with runtime.session():
+            return run_probes(runtime.adapted, runtime.tokenizer, probes, progress)
 
 
 def with_context(message: str, retrieved: Sequence[dict]) -> str:

@@ -42,7 +42,7 @@ PROFILE_B = "# More about me\n- My favorite color is green.\n- I work as a nurse
 DOC_B = ("Garden notes\n\nThe tomatoes need water every morning. The basil grows best in the sun, and the mint "
          "spreads everywhere if nobody cuts it back. In autumn the leaves go into the compost heap behind the shed.\n")
 PROBES_A = [Probe("What is my dog called?", "Pixel"), Probe("Where do I live?", "Porto")]
-QUICK = dict(max_steps=120, lr=3e-3)
+QUICK = dict(max_steps=120, lr=3e-3, until_recalled=False)  # every step: the tests below count them
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_a_killed_worker_leaves_the_pack_loadable_and_the_job_resumes(service, t
     service.create_pack("me", size=size)
     run_inline(service, "me", max_steps=20)
     add_profile(service, tmp_path, "b.md", PROFILE_B)
-    job = service.train("me", TrainOptions(max_steps=500, checkpoint_seconds=0.5), start_worker=False)
+    job = service.train("me", TrainOptions(max_steps=500, checkpoint_seconds=0.5, until_recalled=False), start_worker=False)
     log = tmp_path / "worker.log"
     proc = worker_process(home, log)
     checkpoint = home / "packs" / "me" / "jobs" / str(job["id"]) / "checkpoint" / "state.json"
@@ -406,7 +406,7 @@ def test_cancel_queue_and_chat_while_another_pack_trains(service, tmp_path):
 
     service.create_pack("busy", size="small")
     service.create_pack("next", size="small")
-    long_job = service.train("busy", TrainOptions(max_steps=100_000))
+    long_job = service.train("busy", TrainOptions(max_steps=100_000, until_recalled=False))
     queued = service.train("next", TrainOptions(max_steps=10))
     doomed = service.train("next", TrainOptions(max_steps=10))
     wait_for(lambda: service.job(long_job["id"])["step"] >= 5, 120, "the long job to start")

@@ -24,12 +24,15 @@ def test_a_profile_trained_for_a_few_minutes_is_recalled_with_memory_on_only(bun
     profile.write_text(PROFILE)
     service.ingest([profile])
     service.create_pack("me")
-    job = service.train("me", TrainOptions(max_steps=40, max_minutes=6, evaluate=False), start_worker=False)
+    # Bounded by steps only (a time budget would make the result depend on the machine's speed), and
+    # stopped once the facts are recalled twice in a row: a cap, not the number of steps it takes.
+    job = service.train("me", TrainOptions(max_steps=200, evaluate=False), start_worker=False)
     queue = JobQueue(service.db())
     row = queue.claim("test")
     result = JobRunner(service.settings, service.db(), row).run()
     queue.finish(job["id"], "done", result)
     assert result["version"] == 1
+    assert result["evaluation"]["outcome"] == "recalled", result
 
     report = service.evaluate("me", PROBES)
     for probe in report["probes"]:

@@ -113,6 +113,11 @@ def probe_result(adapted: Adapted, tokenizer, probe: Probe, memory_on: bool) -> 
     return {"reply": reply, "contains_answer": probe.answer.lower() in reply.lower(), "logprob": round(logprob, 4)}
 
 
+def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe]) -> list[bool]:
+    """For each probe, whether the greedy reply with memory on contains its answer (as in :func:`probe_result`)."""
+    return [probe.answer.lower() in greedy_reply(adapted.model, tokenizer, probe.prompt)[0].lower() for probe in probes]
+
+
 def run_probes(adapted: Adapted, tokenizer, probes: Sequence[Probe],
                progress: Callable[[int, int], None] | None = None) -> dict:
     """The ``eval`` report: every probe with memory on and off, and a summary of each."""

@@ -6,6 +6,10 @@
 4. Train, with a checkpoint every ``checkpoint_seconds`` and one at the end.
 5. Evaluation after, the version folder (adapters + slot index), then the database row that
    makes it the pack's active version. Until that row is committed the pack loads as before.
+
+``phase`` says which part runs ("preparing", "training", "finishing"): the worker's cancel grace
+period counts during training only, so the evaluation and the save of a cancelled job (step 5)
+are never cut short.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from engram_app.models import load_base_model
 from engram_app.settings import Settings, resolve_device
 from engram_app.training import adapters
 from engram_app.training.dataset import Plan, build, plan
-from engram_app.training.evaluate import mean_loss, relative, retention_examples, run_probes
+from engram_app.training.evaluate import mean_loss, recalled, relative, retention_examples, run_probes
 from engram_app.training.jobs import JobQueue, TrainOptions
 from engram_app.training.packs import PackStore
+from engram_app.training.peft_export import write_version_card
 from engram_app.training.slots import SlotIndex, SlotIndexBuilder
 from engram_app.training.text import Probe
 from engram_app.training.trainer import ADAPTER_DIR, StepReport, Trainer
@@ -55,6 +60,7 @@ class JobRunner:
         self.queue, self.packs = JobQueue(db), PackStore(db, settings.home)
         self.should_stop, self.shutting_down = should_stop, shutting_down
         self.job_id = job["id"]
+        self.phase = "preparing"
 
     def say(self, message: str, level: str = "info") -> None:
         log.log(logging.WARNING if level == "warning" else logging.INFO, "job %s: %s", self.job_id, message)
@@ -96,8 +102,10 @@ class JobRunner:
             torch.manual_seed(options.seed)  # fresh tables and LoRA weights: reproducible from the job's seed
             adapted = adapters.attach(loaded.model, tokenizer, config)
 
+        probes = (new_probes + old_probes)[: options.max_probes]
+        until = self._recall_check(adapted, tokenizer, probes) if options.until_recalled and probes else None
         trainer = Trainer(adapted, tokenizer, examples, options, on_step=self._on_step, should_stop=self.should_stop,
-                          checkpoint_dir=checkpoint)
+                          checkpoint_dir=checkpoint, until=until)
         sample = random.Random(options.seed).sample(new, min(SAMPLE, len(new))) if new else []
         # The retention texts are the base model's own replies, generated once per pack: only when evaluating.
         retention = (retention_examples(adapted, tokenizer, self.packs.folder(pack["name"]) / "retention.json")
@@ -118,7 +126,9 @@ class JobRunner:
                              "retention_before": mean_loss(adapted.model, tokenizer, retention)}
             trainer.save_checkpoint()
         self.say(f"training: {trainer.total} steps" + (f", at most {options.max_minutes} min" if options.max_minutes else ""))
+        self.phase = "training"
         outcome = trainer.run()
+        self.phase = "finishing"
         trainer.save_checkpoint()
         if outcome == "stopped" and self.shutting_down():
             self.say(f"worker stopping: checkpoint kept at step {trainer.step}, the job resumes with the next worker")
@@ -136,11 +146,30 @@ class JobRunner:
         adapted.save(folder)
         if adapted.memory is not None:
             self._write_slots(adapted, tokenizer, folder, job_plan, options, parent_dir)
+        write_version_card(self.db, pack["base_model"], job_plan.learned, folder)  # README.md: a shareable folder
         self.packs.record_version(pack["id"], number, folder, self.job_id, job_plan.learned, evaluation)
         shutil.rmtree(job_dir, ignore_errors=True)
         self.say(f"version {number} written and active")
         return {"outcome": "cancelled" if outcome == "stopped" else "done", "version": number, "steps": trainer.step,
                 "evaluation": evaluation}
+
+    def _recall_check(self, adapted, tokenizer, probes: list[Probe]) -> Callable[[int], bool]:
+        """The trainer's stop test: every probe recalled with memory on, at two checks in a row.
+
+        Two in a row, not one: a fact the greedy reply only just reaches at one check can slip at
+        the next step; stopping after it held twice leaves a margin for the chat that follows.
+        """
+        streak = 0
+
+        def check(step: int) -> bool:
+            nonlocal streak
+            hits = sum(recalled(adapted, tokenizer, probes))
+            streak = streak + 1 if hits == len(probes) else 0
+            self.say(f"step {step}: recalls {hits} of {len(probes)} facts"
+                     + (" (stopping: learned)" if streak >= 2 else ""))
+            return streak >= 2
+
+        return check
 
     def _on_step(self, report: StepReport) -> None:
         self.queue.progress(self.job_id, report.step, report.total, report.metrics())

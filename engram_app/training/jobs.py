@@ -4,6 +4,11 @@ Statuses: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``cancelled``. A 
 died is still ``running`` in the table; readers show it as ``interrupted`` (no live worker holds
 the worker lock), and the next worker resumes it from its last checkpoint before anything else.
 Cancel is a flag the running job reads at every step.
+
+Each pick-up counts an attempt (``attempts``); a worker that stops politely (SIGTERM) hands its
+attempt back. So a ``running`` job whose attempts reached ``MAX_ATTEMPTS`` killed every worker that
+ran it (out of memory, a crash in native code): it is marked ``failed`` with that reason instead
+of being resumed forever while the jobs queued behind it wait.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from engram_app.training.packs import now
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "cancelled")
+MAX_ATTEMPTS = 3  # workers a job may take down before it is given up
 
 
 @dataclass
@@ -38,12 +44,18 @@ class TrainOptions:
     keep_on_cancel: bool = True  # a cancelled job still writes a version of what it learned
     evaluate: bool = True
     max_probes: int = 24
+    # Stop as soon as the pack's own fact probes are recalled (memory on) at two checks in a row,
+    # ``recall_every`` steps apart; the step count and the time budget stay the caps.
+    until_recalled: bool = True
+    recall_every: int = 10
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
             raise EngramError("max steps must be at least 1.")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise EngramError("max minutes must be more than 0.")
+        if self.recall_every < 1:
+            raise EngramError("recall checks must be at least 1 step apart.")
         if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
             raise EngramError("batch size, epochs and learning rate must be positive.")
 
@@ -57,8 +69,9 @@ class TrainOptions:
 
 
 class JobQueue:
-    def __init__(self, db: sqlite_utils.Database):
+    def __init__(self, db: sqlite_utils.Database, max_attempts: int = MAX_ATTEMPTS):
         self.db = db
+        self.max_attempts = max_attempts
 
     def submit(self, pack_id: int, options: TrainOptions) -> int:
         with self.db.atomic():
@@ -89,7 +102,10 @@ class JobQueue:
     # --- the worker's side ------------------------------------------------------------------
 
     def claim(self, worker: str) -> dict | None:
-        """The next job for this worker: an interrupted one first (to resume), else the oldest queued."""
+        """The next job for this worker: an interrupted one first (to resume), else the oldest queued.
+
+        Counts the attempt: if this worker dies with the job, the next one finds it counted.
+        """
         with self.db.atomic():
             rows = list(self.db.query(
                 "select id from jobs where status = 'running' order by id limit 1")) or list(self.db.query(
@@ -98,8 +114,34 @@ class JobQueue:
                 return None
             job_id = rows[0]["id"]
             self.db.execute("update jobs set status = 'running', worker = ?, heartbeat = ?, "
-                            "started = coalesce(started, ?) where id = ?", [worker, now(), now(), job_id])
+                            "started = coalesce(started, ?), attempts = attempts + 1 where id = ?",
+                            [worker, now(), now(), job_id])
         return self.row(job_id)
+
+    def hand_back(self, job_id: int) -> None:
+        """The worker stops politely and leaves the job to the next one: this attempt did not crash."""
+        with self.db.atomic():
+            self.db.execute("update jobs set attempts = max(attempts - 1, 0) where id = ? and status = 'running'",
+                            [job_id])
+
+    def fail_crashed(self) -> list[int]:
+        """Mark failed the interrupted jobs that took down ``max_attempts`` workers; returns their ids.
+
+        Only the worker calls this, holding the worker lock, so a ``running`` job here is one whose
+        worker died (the worker runs one job at a time and finishes it before asking for another).
+        """
+        with self.db.atomic():
+            rows = list(self.db.query("select id, attempts from jobs where status = 'running' and attempts >= ? "
+                                      "order by id", [self.max_attempts]))
+            for row in rows:
+                reason = (f"The worker stopped {row['attempts']} times while running this job (it crashed or was "
+                          "killed, for example for lack of memory), so the job was given up. See worker.log in the "
+                          "data folder, then train again (a smaller batch size or max length needs less memory).")
+                self.db.execute("update jobs set status = 'failed', error = ?, finished = ? where id = ?",
+                                [reason, now(), row["id"]])
+                self.db["job_logs"].insert({"job_id": row["id"], "level": "error", "message": reason,
+                                            "created": now()})
+        return [row["id"] for row in rows]
 
     def heartbeat(self, job_id: int) -> bool:
         """Record that the job's worker is alive; returns whether a cancel was requested."""

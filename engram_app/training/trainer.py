@@ -73,12 +73,15 @@ class Trainer:
                  on_step: Callable[[StepReport], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  on_checkpoint: Callable[[int], None] | None = None,
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None,
+                 until: Callable[[int], bool] | None = None):
+        """``until(step)``, called every ``options.recall_every`` steps, ends training early when it
+        returns True (outcome 'recalled'): the job's check that the facts are learned."""
         if not examples:
             raise ValueError("nothing to train on")
         self.adapted, self.tokenizer, self.examples, self.options = adapted, tokenizer, examples, options
         self.on_step, self.should_stop, self.on_checkpoint = on_step, should_stop, on_checkpoint
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir, self.until = checkpoint_dir, until
         self.optimizer = make_optimizer(adapted, options)
         self.total = total_steps(options, len(examples))
         self.step = 0
@@ -154,7 +157,13 @@ class Trainer:
         return self.options.max_minutes * 60 - self.elapsed
 
     def run(self) -> str:
-        """Train until the budget is spent or a stop is requested: 'finished', 'budget' or 'stopped'."""
+        """Train until the steps or the time are spent, a stop is requested or the facts are learned:
+        'finished', 'budget', 'stopped' or 'recalled'.
+
+        Nothing here depends on how fast the machine is except the time budget (``max_minutes``):
+        checkpoints are written on a timer but do not change the weights, so a run bounded by
+        steps (or stopped on recall) gives the same memory on a busy machine as on an idle one.
+        """
         self.adapted.train(True)
         pad = pad_id(self.tokenizer)
         last_checkpoint = time.monotonic()
@@ -192,5 +201,14 @@ class Trainer:
             if self.checkpoint_dir is not None and time.monotonic() - last_checkpoint >= self.options.checkpoint_seconds:
                 self.save_checkpoint()
                 last_checkpoint = time.monotonic()
+            if self.until is not None and self.step % self.options.recall_every == 0 and self.step < self.total:
+                started = time.perf_counter()
+                self.adapted.train(False)
+                learned = self.until(self.step)
+                self.adapted.train(True)
+                self.elapsed += time.perf_counter() - started  # the budget is the user's time: checks count
+                if learned:
+                    outcome = "recalled"
+                    break
         self.adapted.train(False)
         return outcome

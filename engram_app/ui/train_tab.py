@@ -7,6 +7,7 @@ process, never in an event handler.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import pandas as pd
 from engram_app.errors import EngramError
 from engram_app.service import Service
 from engram_app.ui.errors import user_errors
+from engram_app.ui.security import discard_uploads
 from engram_app.training import PRESETS, TrainOptions
 from engram_app.training.sizes import describe, summary
 
 PACK_COLUMNS = ["pack", "mode", "size", "active version", "versions", "base model", "learns from", "warning"]
-VERSION_COLUMNS = ["version", "active", "steps", "memorisation loss", "forgetting cost", "recall on / off", "created"]
+VERSION_COLUMNS = ["version", "active", "steps", "memorisation loss", "forgetting cost", "recall", "created"]
 PRESET_HELP = " | ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
 BUDGETS = {"quick (2 min)": 2.0, "thorough (10 min)": 10.0}
 
@@ -29,6 +31,19 @@ def _size_needs(service: Service, size: str) -> str:
     """What the chosen size preset needs from this machine, and whether it has it (before creating)."""
     row = next((r for r in describe(service.settings.home) if r["name"] == size), None)
     return summary(row) if row else ""
+
+
+def export_folder(cache: str | Path) -> Path:
+    """A new folder for a pack exported for download, inside Gradio's cache (``<home>/cache/``).
+
+    Gradio serves a file already in its cache as it is (no copy elsewhere) and its cache cleanup
+    removes it (an hour later, or when the app stops). Earlier exports are removed now: the
+    download box shows the newest one only.
+    """
+    exports = Path(cache) / "exports"
+    shutil.rmtree(exports, ignore_errors=True)
+    exports.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=exports))
 
 
 def _pack_rows(service: Service) -> list[list]:
@@ -41,6 +56,14 @@ def _pack_rows(service: Service) -> list[list]:
     return rows
 
 
+def _recall_verdict(recall: dict) -> str:
+    """'recalls 2 of 3 facts; train longer (without memory: 0)': plain words, not ratios."""
+    count = recall["probes"]
+    on, off = (round(recall[side]["recall"] * count) for side in ("memory_on", "memory_off"))
+    advice = "" if on == count else "; train longer"
+    return f"recalls {on} of {count} facts{advice} (without memory: {off})"
+
+
 def _version_rows(service: Service, pack: str | None) -> list[list]:
     if not pack:
         return []
@@ -49,7 +72,7 @@ def _version_rows(service: Service, pack: str | None) -> list[list]:
     for v in reversed(info["versions"]):
         ev = v["evaluation"] or {}
         mem, ret, rec = ev.get("memorisation") or {}, ev.get("retention") or {}, ev.get("recall") or {}
-        recall = (f"{rec['memory_on']['recall']:.2f} / {rec['memory_off']['recall']:.2f}" if rec else "")
+        recall = _recall_verdict(rec) if rec else ""
         rows.append([v["number"], "yes" if v["number"] == info["active_version"] else "", ev.get("steps", ""),
                      f"{mem['before']} -> {mem['after']}" if mem else "",
                      f"{ret['cost']:+.1%}" if ret.get("cost") is not None else "", recall, v["created"][:19]])
@@ -131,6 +154,9 @@ def build_train_tab(service: Service):
             max_steps = gr.Number(label="Max steps (0: from epochs)", value=0, precision=0, elem_id="train-max-steps")
             lr = gr.Number(label="Learning rate", value=TrainOptions().lr)
             evaluate = gr.Checkbox(label="Evaluate at the end", value=True, elem_id="train-evaluate")
+            until_recalled = gr.Checkbox(label="Stop when the facts are recalled", value=True,
+                                         info="checked every 10 steps; the preset's time stays the cap",
+                                         elem_id="train-until-recalled")
     runs = gr.Dropdown([], value=None, label="Runs of this pack, newest first (none chosen: the latest)", elem_id="train-runs")
     job_id = gr.State(None)
     plotted = gr.State(None)
@@ -155,12 +181,12 @@ def build_train_tab(service: Service):
             service.create_pack((n or "").strip(), size=s, mode=m)
         return refresh_packs(n.strip())
 
-    def do_start(p: str | None, b: str, f: bool, steps: float, rate: float, ev: bool):
+    def do_start(p: str | None, b: str, f: bool, steps: float, rate: float, ev: bool, until: bool = True):
         if not p:
             raise gr.Error("Create or choose a pack first.")
         with user_errors():
             options = TrainOptions(max_minutes=BUDGETS[b], max_steps=int(steps) or None, lr=float(rate), full=f,
-                                   evaluate=ev)
+                                   evaluate=ev, until_recalled=until)
             job = service.train(p, options)
         return job["id"], run_choices(p, job["id"])
 
@@ -194,7 +220,7 @@ def build_train_tab(service: Service):
             info = service.pack(p)
             if not info["active_version"]:
                 raise EngramError(f"Pack {p!r} has no trained version yet: train it before exporting it.")
-            folder = Path(tempfile.mkdtemp(prefix="engram-export-"))
+            folder = export_folder(exported.GRADIO_CACHE)
             return str(service.export_pack(p, folder / f"{p}-v{info['active_version']}.zip"))
 
     def do_import(file: str | None, n: str | None):
@@ -202,6 +228,7 @@ def build_train_tab(service: Service):
             raise gr.Error("Drop a pack file (.zip) first.")
         with user_errors():
             info = service.import_pack(file, (n or "").strip() or None)
+        discard_uploads([file], upload.GRADIO_CACHE)
         gr.Info(f"Imported pack {info['name']} at version {info['active_version']}.")
         return (*refresh_packs(info["name"]), None)
 
@@ -221,7 +248,7 @@ def build_train_tab(service: Service):
 
     create.click(do_create, [name, size, mode], [packs_table, pack], api_name="create_pack")
     size.change(lambda s: _size_needs(service, s), size, size_needs, api_visibility="private")
-    start.click(do_start, [pack, budget, full, max_steps, lr, evaluate], [job_id, runs], api_name="train")
+    start.click(do_start, [pack, budget, full, max_steps, lr, evaluate, until_recalled], [job_id, runs], api_name="train")
     export.click(do_export, pack, exported, api_name="export_pack")
     do_import_button.click(do_import, [upload, import_name], [packs_table, pack, upload], api_name="import_pack")
     runs.input(lambda j: (j, None), runs, [job_id, plotted], api_visibility="private")

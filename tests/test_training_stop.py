@@ -1,0 +1,80 @@
+"""When training ends: a run bounded by steps does not depend on the machine's speed (checkpoints,
+written on a timer, never change the weights), and a job stops once its facts are recalled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engram_app.service import Service
+from engram_app.settings import Settings
+from engram_app.training import job as job_module
+from test_training import PROFILE_A, add_profile, run_inline
+
+
+def adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        tensors.update({f"{path.relative_to(folder)}:{k}": v for k, v in load_file(path).items()})
+    return tensors
+
+
+@pytest.fixture
+def make_service(tmp_path, tiny_model_dir):
+    def make(name: str) -> Service:
+        service = Service(Settings(home=tmp_path / name, model=str(tiny_model_dir), device="cpu"))
+        add_profile(service, tmp_path, f"{name}.md", PROFILE_A)
+        service.create_pack("me")
+        return service
+    return make
+
+
+def test_a_run_checkpointing_every_step_ends_with_the_same_memory_as_one_that_never_checkpoints(make_service):
+    # What a slow machine changes is how many checkpoints a run writes (one every 30 s): it must not
+    # change what the memory learns, or a step-bounded test passes on an idle machine only.
+    results = {}
+    for name, seconds in (("never", 1e9), ("every-step", 0.0)):
+        service = make_service(name)
+        run_inline(service, "me", max_steps=12, lr=3e-3, checkpoint_seconds=seconds, evaluate=False,
+                   until_recalled=False)
+        results[name] = adapter_tensors(service.settings.home / "packs" / "me" / "v1")
+    never, every = results["never"], results["every-step"]
+    assert sorted(never) == sorted(every) and any("table" in k for k in never)
+    for key in never:
+        assert torch.equal(never[key], every[key]), key
+
+
+def test_a_job_stops_once_its_facts_are_recalled_at_two_checks_in_a_row(make_service, monkeypatch):
+    answers = iter([True, False, True, True, True, True])  # recall at steps 10, 20, 30, 40, ...
+    checked = []
+
+    def fake_recalled(adapted, tokenizer, probes):
+        checked.append(len(probes))
+        return [next(answers)] * len(probes)
+
+    monkeypatch.setattr(job_module, "recalled", fake_recalled)
+    service = make_service("stop")
+    result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False)
+    assert result["evaluation"]["outcome"] == "recalled"
+    assert result["steps"] == 40  # 10 yes, 20 no (streak reset), 30 yes, 40 yes: stop
+    assert checked == [2, 2, 2, 2]  # the profile's two facts (dog, city) at each check
+    log = [line["message"] for line in service.job(1)["log"]]
+    assert "step 40: recalls 2 of 2 facts (stopping: learned)" in log
+    assert "step 20: recalls 0 of 2 facts" in log
+
+
+def test_a_job_trains_every_step_when_told_not_to_stop_on_recall(make_service, monkeypatch):
+    monkeypatch.setattr(job_module, "recalled", lambda adapted, tokenizer, probes: [True] * len(probes))
+    service = make_service("all")
+    result = run_inline(service, "me", max_steps=25, recall_every=5, evaluate=False, until_recalled=False)
+    assert result["steps"] == 25 and result["evaluation"]["outcome"] == "finished"
+
+
+def test_the_version_table_says_plainly_when_the_memory_has_not_learned_every_fact():
+    from engram_app.ui.train_tab import _recall_verdict
+
+    assert (_recall_verdict({"probes": 10, "memory_on": {"recall": 0.6}, "memory_off": {"recall": 0.0}})
+            == "recalls 6 of 10 facts; train longer (without memory: 0)")
+    assert (_recall_verdict({"probes": 3, "memory_on": {"recall": 1.0}, "memory_off": {"recall": 0.3333}})
+            == "recalls 3 of 3 facts (without memory: 1)")
