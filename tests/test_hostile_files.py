@@ -34,16 +34,6 @@ from tiny import tiny_tokenizer
 DIARY = b"Dear diary: the heron came back to the pond today, and Pixel barked at it.\n"
 
 
-@pytest.fixture(scope="session")
-def embedder():
-    return Embedder()
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny_tokenizer()
-
-
 def make_library(home: Path, tokenizer, embedder, limits: ParseLimits = ParseLimits()) -> Library:
     """A library with one source already in it, so that "nothing else changed" covers old content."""
     library = Library(open_db(home), home, tokenizer, embedder, limits=limits)

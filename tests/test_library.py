@@ -18,24 +18,12 @@ from conftest import ROOT
 from engram_app.cli import cli
 from engram_app.ingest import Library
 from engram_app.ingest.chunking import chunk_records
-from engram_app.ingest.embedding import Embedder
 from engram_app.ingest.records import Record
 from engram_app.store import open_db
 from engram_app.store.migrations import MIGRATIONS, migrate
 from library_fixtures import hostile_files, valid_files
-from tiny import tiny_tokenizer
 
 SIZE_LIMIT = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def embedder():
-    return Embedder()
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ not used because it answers "Invalid host header" without saying what to do, and
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engram_app.settings import Settings
+from engram_app.settings import Settings, is_ip_address
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +65,6 @@ def host_name(header: str | None) -> str | None:
         return None
     name = (parts.hostname or "").rstrip(".")
     return name if name and _HOST_NAME.match(name) else None
-
-
-def is_ip_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
