@@ -78,3 +78,27 @@ def test_the_version_table_says_plainly_when_the_memory_has_not_learned_every_fa
             == "recalls 6 of 10 facts; train longer (without memory: 0)")
     assert (_recall_verdict({"probes": 3, "memory_on": {"recall": 1.0}, "memory_off": {"recall": 0.3333}})
             == "recalls 3 of 3 facts (without memory: 1)")
+
+
+def test_the_batched_recall_check_answers_each_probe_as_a_reply_of_its_own_would(make_service, tiny_model_dir):
+    # The stop test answers its probes in left-padded batches: that must not change a reply.
+    from pathlib import Path
+
+    from engram_app.models import load_base_model
+    from engram_app.settings import resolve_device
+    from engram_app.training import adapters
+    from engram_app.training.evaluate import greedy_reply, recalled
+    from engram_app.training.text import Probe
+
+    service = make_service("batch")
+    run_inline(service, "me", max_steps=30, lr=3e-3, evaluate=False, until_recalled=False)
+    store = service.packs_store()
+    loaded = load_base_model(str(tiny_model_dir), service.settings.models_dir, resolve_device("cpu"))
+    adapted = adapters.load(loaded.model, loaded.tokenizer, Path(store.version("me")["path"]), store.config(store.row("me")))
+    prompts = ["What is my dog called?", "Where do I live?", "Tell me, in a few words, what you know about my life."]
+    replies = [greedy_reply(adapted.model, loaded.tokenizer, p, max_new_tokens=24)[0] for p in prompts]
+    assert all(replies) and len({len(loaded.tokenizer.encode(p)) for p in prompts}) == 3  # padding differs
+    own = [Probe(p, reply) for p, reply in zip(prompts, replies)]
+    assert recalled(adapted, loaded.tokenizer, own, batch_size=3) == [True, True, True]
+    swapped = [Probe(prompts[0], replies[1] + " zebra"), *own[1:]]
+    assert recalled(adapted, loaded.tokenizer, swapped, batch_size=2) == [False, True, True]

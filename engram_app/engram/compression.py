@@ -5,8 +5,14 @@ whitespace to one space); tokens with equal normalised text share a canonical id
 is only whitespace becomes a single space. A token whose decoding is an incomplete UTF-8 sequence
 keeps its raw token string as its key, so byte fragments never merge with real characters.
 
+With ``strip`` (``EngramConfig.compression_strip``) the normalised text also loses its leading
+and trailing whitespace, as DeepSeek's reference code does: " the" and "the" share an id, and a
+token that is only whitespace still becomes a single space. It is off by default, so every saved
+memory keeps its addressing; docs/BENCHMARKS.md has what it changes for SmolLM2.
+
 Canonical ids are given in order of first appearance by token id, so the map depends only on
-the tokenizer: it is the same in every process. It is cached per tokenizer fingerprint.
+the tokenizer (and ``strip``): it is the same in every process. It is cached per tokenizer
+fingerprint and ``strip``.
 """
 
 from __future__ import annotations
@@ -28,15 +34,21 @@ _NORMALIZER = normalizers.Sequence(
     ]
 )
 
-_cache: dict[str, torch.Tensor] = {}
+_cache: dict[tuple[str, bool], torch.Tensor] = {}
 _cache_lock = threading.Lock()
 
 
-def normalise(text: str) -> str:
-    """The normalised form under which tokens are merged."""
+def normalise(text: str, strip: bool = False) -> str:
+    """The normalised form under which tokens are merged.
+
+    ``strip``: also drop leading and trailing whitespace (a whitespace-only token stays " ").
+    When stripping would leave nothing (a lone combining accent after a space, say), the
+    unstripped form is kept, so such a token does not merge with the empty-text tokens.
+    """
     if text and not text.strip():
         return " "
-    return _NORMALIZER.normalize_str(text)
+    normalised = _NORMALIZER.normalize_str(text)
+    return (normalised.strip() or normalised) if strip else normalised
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -45,8 +57,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def build_compression(tokenizer) -> torch.Tensor:
-    """The map as a LongTensor: ``map[token_id] = canonical_id`` for every id below len(tokenizer)."""
+def build_compression(tokenizer, strip: bool = False) -> torch.Tensor:
+    """The map as a LongTensor: ``map[token_id] = canonical_id`` for every id below len(tokenizer).
+
+    ``strip``: merge tokens that differ only by surrounding whitespace (see :func:`normalise`).
+    """
     size = len(tokenizer)
     keys: dict[str, int] = {}
     mapping = torch.empty(size, dtype=torch.long)
@@ -56,18 +71,18 @@ def build_compression(tokenizer) -> torch.Tensor:
         if "\ufffd" in text or raw[token_id] is None:
             key = f"\0raw:{raw[token_id]}"  # a byte fragment: keep it apart from real text
         else:
-            key = normalise(text)
+            key = normalise(text, strip)
         mapping[token_id] = keys.setdefault(key, len(keys))
     return mapping
 
 
-def compression_for(tokenizer, fingerprint: str | None = None) -> torch.Tensor:
-    """:func:`build_compression`, computed once per tokenizer (by fingerprint) in this process.
+def compression_for(tokenizer, fingerprint: str | None = None, strip: bool = False) -> torch.Tensor:
+    """:func:`build_compression`, computed once per tokenizer (by fingerprint) and ``strip`` in this process.
 
     Pass ``fingerprint`` when the caller has already computed :func:`tokenizer_fingerprint`.
     """
-    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+    key = (fingerprint or tokenizer_fingerprint(tokenizer), bool(strip))
     with _cache_lock:
-        if fingerprint not in _cache:
-            _cache[fingerprint] = build_compression(tokenizer)
-        return _cache[fingerprint]
+        if key not in _cache:
+            _cache[key] = build_compression(tokenizer, strip=key[1])
+        return _cache[key]

@@ -24,6 +24,7 @@ FORMAT_VERSION = 2  # 1: the pre-PEFT folder layout (io.py still reads it); 2: a
 STORAGES = ("memory", "mapped")
 TABLE_DIR = "table"  # a mapped table's rows, beside adapter_config.json
 RUNTIME_FIELDS = ("tokenizer",)  # fields that hold live objects: never saved, never compared
+OPTIONAL_FIELDS = {"compression_strip": False}  # fields saved only when they differ from this default
 
 
 @dataclass
@@ -69,6 +70,12 @@ class EngramConfig(PeftConfig):
         metadata={"help": "what a saved memory checks before loading: the base model's sizes, a hash of its "
                           "embeddings' signs and of its tokenizer's vocabulary. Filled when attaching."},
     )
+    compression_strip: bool = field(
+        default=False,
+        metadata={"help": "token compression also strips surrounding whitespace (\" the\" and \"the\" share an id), "
+                          "as DeepSeek's reference code does. Off by default: memories saved without it keep "
+                          "their addressing. Saved only when on, so configs without it read as before."},
+    )
     format_version: int = FORMAT_VERSION
     tokenizer: Any = field(
         default=None, repr=False, compare=False,
@@ -97,6 +104,8 @@ class EngramConfig(PeftConfig):
             raise ValueError("heads, rows_per_head and head_dim must be positive")
         if self.layers is not None:
             self.layers = sorted(set(int(x) for x in self.layers))
+        if not isinstance(self.compression_strip, bool):
+            raise ValueError(f"compression_strip must be true or false, not {self.compression_strip!r}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {self.storage!r}")
         # Live objects the tuner uses; attributes, not fields: never saved or compared.
@@ -120,8 +129,16 @@ class EngramConfig(PeftConfig):
     # --- serialisation --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        """The saved fields (PEFT's and Engram's); runtime objects such as the tokenizer are left out."""
+        """The saved fields (PEFT's and Engram's); runtime objects such as the tokenizer are left out.
+
+        An optional field at its default is left out too, so a memory that does not use it saves
+        the same config as before the field existed (and older versions, and pack checks that
+        refuse unknown fields, still read it).
+        """
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in RUNTIME_FIELDS}
+        for name, default in OPTIONAL_FIELDS.items():
+            if data[name] == default:
+                del data[name]
         data["orders"] = list(self.orders)
         return data
 

@@ -252,7 +252,7 @@ class EngramModel(nn.Module):
                 raise EngramAttachError(f"The memory's token map covers {len(compression)} ids; the model has {vocab}.")
         else:
             self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-            compression = compression_for(tokenizer, self.tokenizer_fingerprint)
+            compression = compression_for(tokenizer, self.tokenizer_fingerprint, strip=config.compression_strip)
             if len(compression) > vocab:
                 raise EngramAttachError(f"The tokenizer has {len(compression)} tokens but the model only {vocab}.")
             extra = torch.arange(vocab - len(compression)) + int(compression.max()) + 1
