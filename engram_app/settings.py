@@ -116,13 +116,14 @@ class Settings:
         Sets the process's umask so that every file written from now on (the database and its WAL,
         uploads, packs, models, Gradio's cache; the worker inherits it) is 0600 and every folder
         0700. A root made open by an earlier version is set to 0700 (which closes everything
-        below it) and its files to 0600.
+        below it) and the app's own files in it (the database, the worker's files) to 0600; other
+        files a user keeps there are left as they are.
         """
         os.umask(PRIVATE_UMASK)
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         make_private(self.home, 0o700)
         for path in self.home.iterdir():
-            if path.is_file() and not path.is_symlink():
+            if path.name.startswith(("engram.db", "worker.")) and path.is_file() and not path.is_symlink():
                 make_private(path, 0o600)
         self.models_dir.mkdir(parents=True, exist_ok=True)
 

@@ -275,7 +275,9 @@ def test_pack_export_format_peft_writes_a_folder_peft_loads_with_a_card_and_no_u
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(out)
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    # A local base model is named, never located: a path tells where the user keeps their files.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model_dir.name
+    assert str(tiny_model_dir) not in (out / "README.md").read_text()
 
     # PEFT loads the export and the version folder itself; both give what the app's own loader gives.
     tokenizer = tiny_tokenizer()
@@ -290,7 +292,7 @@ def test_pack_export_format_peft_writes_a_folder_peft_loads_with_a_card_and_no_u
     # The model card: the Hub's metadata, what the memory is and learned from, how to load it; no user text.
     for card in ((out / "README.md").read_text(), (version / "README.md").read_text()):
         assert card.startswith("---\n") and "library_name: peft" in card and "- engram" in card
-        assert f"Base model: `{tiny_model_dir}`" in card and "Learned from: 1 profile" in card
+        assert f"Base model: `{tiny_model_dir.name}`" in card and "Learned from: 1 profile" in card
         assert "PeftModel.from_pretrained(base" in card and "import engram_app.engram" in card
         assert not any(text in card for text in ("Pixel", "Porto", "dog", "me.md"))
     result = CliRunner().invoke(cli, ["pack", "export", *common, "me", "--format", "peft", str(out)])

@@ -15,6 +15,7 @@ import re
 import socket
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -236,6 +237,11 @@ def test_a_pack_exported_for_download_lives_in_the_cache_and_is_gone_once_replac
         download = client.get(f"/gradio_api/file={second}")
         assert download.status_code == 200 and download.content[:2] == b"PK"
         assert Path(upload).exists()
+        api.close()
+    # Gradio empties its cache as its server shuts down, which a loaded machine may finish after close().
+    deadline = time.monotonic() + 30
+    while (second.exists() or Path(upload).exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not second.exists() and not Path(upload).exists()  # Gradio empties its cache when the app stops
     assert set(Path(tempfile.gettempdir()).glob("engram-export-*")) == before  # nothing written to /tmp
 
@@ -259,5 +265,8 @@ def test_an_existing_data_root_open_to_others_is_tightened(tmp_path):
     for name in ("engram.db", "worker.log"):
         (home / name).write_text("")
         (home / name).chmod(0o644)
+    (home / "notes.txt").write_text("the user's own file")
+    (home / "notes.txt").chmod(0o644)
     Settings(home=home).ensure_home()
     assert (mode(home), mode(home / "engram.db"), mode(home / "worker.log")) == (0o700, 0o600, 0o600)
+    assert mode(home / "notes.txt") == 0o644  # not the app's: left alone

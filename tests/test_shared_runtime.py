@@ -199,3 +199,22 @@ def test_a_new_version_of_a_pack_is_used_at_once_and_the_old_one_freed(trained, 
     service.rollback("grow", 1)
     assert shared_reply(service, "grow", question) == first
     assert [row["version"] for row in service.loaded_packs() if row["pack"] == "grow"] == [1]
+
+
+def test_a_pack_whose_adapters_fail_to_load_leaves_nothing_behind_and_loads_once_fixed(trained, copies, monkeypatch):
+    # The memory of the engram+lora pack loads, then its LoRA fails (a broken file): the next chat
+    # must not meet a half-registered adapter ("already exists") but load the pack whole.
+    trained.unload_pack("both")
+    pool = trained.model_pool(trained.settings.model)
+    real = pool._load_lora
+
+    def broken(key, path):
+        raise OSError("truncated adapter file")
+
+    monkeypatch.setattr(pool, "_load_lora", broken)
+    with pytest.raises(OSError, match="truncated"):
+        shared_reply(trained, "both", QUESTIONS[0])
+    prefix = pack_prefix(trained.packs_store().row("both")["id"])
+    assert pool._engram is None or not any(k.startswith(prefix) for k in pool._engram.peft_config)
+    monkeypatch.setattr(pool, "_load_lora", real)
+    assert shared_reply(trained, "both", QUESTIONS[0]) == copies[("both", QUESTIONS[0])]

@@ -141,7 +141,11 @@ class ModelPool:
                 return entry
             started = time.perf_counter()
             self._active = STALE  # adding an adapter may change what is switched on
-            adapted = self._load(spec)
+            try:
+                adapted = self._load(spec)
+            except BaseException:  # a broken file: take off what was registered, so the next try starts clean
+                self._remove(spec.key)
+                raise
             entry = _Loaded(adapted, self._nbytes(spec.key, adapted), time.perf_counter() - started)
             self._adapters[spec.key] = entry
             log.info("Loaded adapters %s (%.1f MB) in %.2f s.", spec.key, entry.nbytes / 2**20, entry.seconds)
@@ -235,20 +239,24 @@ class ModelPool:
             entry = self._adapters.pop(key, None)
             if entry is None:
                 return 0
-            self._switch(None, None)  # PEFT warns when the active adapter is deleted; none is active now
-            if entry.adapted.memory is not None:
-                self._engram.delete_adapter(key)
-                if not self._engram.peft_config:  # the last memory: take the Engram tuner off the model
-                    self._engram.base_model.unload()
-                    self._engram = None
-            if entry.adapted.lora is not None:
-                self._lora.delete_adapter(key)
-                if not self._lora.peft_config:  # the last LoRA adapter: the base model's own layers again
-                    self._lora.unload()
-                    self.base.__dict__.pop("peft_config", None)
-                    self._lora = None
-            self._active = STALE
+            self._remove(key)
             return entry.nbytes
+
+    def _remove(self, key: str) -> None:
+        """Delete adapter ``key`` from the Engram and LoRA models that hold it (under the lock)."""
+        self._switch(None, None)  # PEFT warns when the active adapter is deleted; none is active now
+        if self._engram is not None and key in self._engram.peft_config:
+            self._engram.delete_adapter(key)
+            if not self._engram.peft_config:  # the last memory: take the Engram tuner off the model
+                self._engram.base_model.unload()
+                self._engram = None
+        if self._lora is not None and key in self._lora.peft_config:
+            self._lora.delete_adapter(key)
+            if not self._lora.peft_config:  # the last LoRA adapter: the base model's own layers again
+                self._lora.unload()
+                self.base.__dict__.pop("peft_config", None)
+                self._lora = None
+        self._active = STALE
 
     def unload_where(self, match: Callable[[str], bool]) -> tuple[list[str], int]:
         """Unload every adapter whose key ``match`` accepts: (their keys, the bytes freed)."""

@@ -34,7 +34,7 @@ def base_model_reference(spec: str | None) -> tuple[str, str | None]:
         return BUNDLED_HUB_ID, BUNDLED_HUB_ID
     if HUB_ID.match(spec) and not Path(spec).expanduser().exists():
         return spec, spec
-    return str(Path(spec).expanduser().resolve()), None
+    return Path(spec).expanduser().name, None  # a local model by its name, never its path (it tells where files live)
 
 
 def source_kinds(db: sqlite_utils.Database, source_ids: list[int]) -> dict[str, int]:

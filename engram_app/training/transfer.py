@@ -49,6 +49,7 @@ import re
 import shutil
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -322,9 +323,11 @@ def open_pack_file(path: Path) -> PackFile:
     infos = archive.infolist()
     names = [m.filename for m in infos]
     odd = [n for n in names if n not in ALL_MEMBERS]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)
     problem = None
-    if odd:
+    if len(names) > 2 * len(ALL_MEMBERS):  # before looking at names one by one: a zip of a million entries
+        problem = f"{path.name} holds {len(names)} files; a pack has at most {len(ALL_MEMBERS)}: refused."
+    elif odd:
         problem = f"{path.name} holds files a pack never has: {', '.join(odd[:3])}."
     elif twice:
         problem = f"{path.name} holds {', '.join(twice[:3])} more than once: refused."

@@ -147,6 +147,10 @@ class WebGuard:
             return
         header = Headers(scope=scope).get("host")
         if not self.policy.allows(header):
+            if scope["type"] == "websocket":  # no HTTP response on a websocket: close it (policy violation)
+                self.refuse_host(header)
+                await send({"type": "websocket.close", "code": 1008})
+                return
             await self.refuse_host(header)(scope, receive, send)
             return
         if self.limiter is not None and scope["type"] == "http" and scope["method"] == "POST" \
