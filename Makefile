@@ -39,7 +39,7 @@ chromium:
 test: setup chromium
 	$(PY) -m pytest $(ARGS)
 
-# Unit tests only (tiny random models, no bundled model, no browser): seconds.
+# Unit tests only (tiny random models, no bundled model, no browser): about 12 minutes here.
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
