@@ -370,9 +370,11 @@ def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(app_url, b
     """The same flow on SmolLM2: with memory on, the reply uses a fact from the profile; off, it does not."""
     url, _ = app_url
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    # Every one of its 40 steps: the library also holds another person's profile from an earlier
-    # test, whose facts the recall checks would wait for too (stop on recall: tests/test_training_bundled.py).
-    view = memory_flow(page, url, tmp_path, pack="maya", steps=40, prefix="bundled", evaluate=False,
+    # Every one of its 100 steps (about 7.5 min here; the preset caps it at 10): the library also holds
+    # an earlier test's sources and another person's profile, so 40 steps fell short of "Pixel" in a
+    # full run, and the recall checks would wait on the other profile's facts too (stop on recall
+    # is tested in tests/test_training_bundled.py).
+    view = memory_flow(page, url, tmp_path, pack="maya", steps=100, prefix="bundled", evaluate=False,
                        until_recalled=False)
     print("memory off:", view["off"], "| memory on:", view["on"])
     check_flow(view)
