@@ -23,30 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_table import publish  # noqa: E402
-from bench.train_recall import personas, run_job  # noqa: E402
+from bench.train_recall import import_personas, run_job  # noqa: E402
 from engram_app.engram.compression import compression_for  # noqa: E402
 from engram_app.service import Service  # noqa: E402
 from engram_app.settings import Settings, default_home  # noqa: E402
 from engram_app.training import TrainOptions  # noqa: E402
 from engram_app.training.packs import PackConfig  # noqa: E402
 from engram_app.training.sizes import PRESETS  # noqa: E402
-from engram_app.training.text import Probe, fact_probes  # noqa: E402
 
 SIZE = "medium"
 RETENTION = "retention.json"  # where a job keeps its pack's retention texts (training/job.py)
-
-
-def import_personas(service: Service, home: Path, data: Path, count: int) -> tuple[int, list[Probe]]:
-    """Each persona as a profile in the library; the probes with a single answer across them all."""
-    people = personas(data, count)
-    probes: list[Probe] = []
-    for i, facts in enumerate(people):
-        path = home / f"persona{i}.md"
-        path.write_text("\n".join(f"- {f}" for f in facts) + "\n")
-        service.ingest([path])
-        probes += [p for f in facts for p in fact_probes(f)]
-    asked = [p.prompt for p in probes]
-    return len(people), [p for p in probes if asked.count(p.prompt) == 1]
 
 
 def create_pack(service: Service, name: str, strip: bool) -> None:
@@ -72,6 +58,7 @@ def main() -> None:
     (home / "models").symlink_to((default_home() / "models").resolve())  # reuse the converted model
     service = Service(Settings(home=home, device=args.device))
     people, probes = import_personas(service, home, args.data, args.personas)
+    people = len(people)
     print(f"{people} personas, {len(probes)} probes", flush=True)
     tokenizer = service.runtime.tokenizer
 

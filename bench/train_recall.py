@@ -45,6 +45,23 @@ def personas(data: Path, count: int) -> list[list[str]]:
     return out
 
 
+def import_personas(service: Service, home: Path, data: Path, count: int) -> tuple[list[list[str]], list[Probe]]:
+    """Each persona as a profile in the library; the probes with a single answer across them all.
+
+    All personas go into one pack, as if they were one person: a question two personas answer
+    differently ("What do I like?") has no single right answer, so it is not a probe.
+    """
+    people = personas(data, count)
+    probes: list[Probe] = []
+    for i, facts in enumerate(people):
+        path = home / f"persona{i}.md"
+        path.write_text("\n".join(f"- {f}" for f in facts) + "\n")
+        service.ingest([path])
+        probes += [p for f in facts for p in fact_probes(f)]
+    asked = [p.prompt for p in probes]
+    return people, [p for p in probes if asked.count(p.prompt) == 1]
+
+
 def run_job(service: Service, pack: str, options: TrainOptions) -> dict:
     service.train(pack, options, start_worker=False)
     queue = JobQueue(service.db())
@@ -82,17 +99,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="engram-bench-"))
     (home / "models").symlink_to((default_home() / "models").resolve())  # reuse the converted model
     service = Service(Settings(home=home, device=args.device))
-    people = personas(args.data, args.personas)
-    probes: list[Probe] = []
-    for i, facts in enumerate(people):
-        path = home / f"persona{i}.md"
-        path.write_text("\n".join(f"- {f}" for f in facts) + "\n")
-        service.ingest([path])
-        probes += [p for f in facts for p in fact_probes(f)]
-    # All personas go into one pack, as if they were one person: a question two personas answer
-    # differently ("What do I like?") has no single right answer, so it is not a probe.
-    asked = [p.prompt for p in probes]
-    probes = [p for p in probes if asked.count(p.prompt) == 1]
+    people, probes = import_personas(service, home, args.data, args.personas)
     print(f"{len(people)} personas, {sum(map(len, people))} facts, {len(probes)} probes", flush=True)
 
     base = None
