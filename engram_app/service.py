@@ -75,7 +75,7 @@ class Service:
         self._db: sqlite_utils.Database | None = None
         self._pools: dict[str | None, ModelPool] = {}  # base model id -> its one loaded copy and pack adapters
         self._pack_runtimes: dict[str, tuple[int, Runtime]] = {}  # pack -> (version, runtime on its pool)
-        self._slot_indexes: dict = {}
+        self._provenance = None  # training.provenance.Provenance, once asked
         self._load_lock = threading.Lock()
         self._db_lock = threading.Lock()  # not _load_lock: db() is called while that one is held
 
@@ -390,54 +390,12 @@ class Service:
         return out
 
     def provenance(self, pack: str, rows: Sequence[int], version: int | None = None, limit: int = 10) -> dict[int, list[dict]]:
-        """Who wrote each row: the sources and n-grams of the version's slot index (most frequent first)."""
-        from engram_app.engram.trace import START
-        from engram_app.training.slots import SlotIndex
+        """Who wrote each row: the sources, n-grams and passages of the version's slot index."""
+        from engram_app.training.provenance import Provenance
 
-        store = self.packs_store()
-        info = store.version(pack, version)
-        if info is None:
-            return {int(r): [] for r in rows}
-        folder = Path(info["path"]) / "slots"
-        if (info["evaluation"] or {}).get("imported") and not SlotIndex.exists(folder):
-            return {int(r): [] for r in rows}  # an imported version carries no record of sources (transfer.py)
-        if not SlotIndex.exists(folder):
-            raise EngramError(f"Version {info['number']} of pack {pack!r} has no slot index.")
-        index = self._slot_indexes.get(str(folder)) or SlotIndex.open(folder)
-        self._slot_indexes[str(folder)] = index
-        tokenizer = self.chat_runtime(pack, True).tokenizer
-        titles: dict[int, dict] = {}
-        out: dict[int, list[dict]] = {}
-        for row in rows:
-            found = []
-            for w in index.writers(int(row), limit):
-                if w.source_id not in titles:
-                    hit = list(self.db().query("select title, status from sources where id = ?", [w.source_id]))
-                    titles[w.source_id] = hit[0] if hit else {"title": None, "status": "unknown"}
-                source = titles[w.source_id]
-                pieces = [START if t < 0 else tokenizer.decode([t], clean_up_tokenization_spaces=False)
-                          for t in w.ngram_ids]
-                ngram = "|".join(pieces)  # written as trace reports write n-grams
-                found.append({"source": w.source_id, "title": source["title"], "status": source["status"],
-                              "ngram": ngram, "count": w.count,
-                              "passage": self._passage(w.source_id, [p for p in pieces if p != START])})
-            out[int(row)] = found
-        return out
-
-    def _passage(self, source_id: int, pieces: list[str], width: int = 160) -> str:
-        """Where a source says an n-gram: the text around it in the source's chunks (or its opening)."""
-        needle = "".join(pieces).strip()
-        rows = list(self.db().query(
-            "select text from chunks where source_id = ? and instr(lower(text), lower(?)) > 0 order by position limit 1",
-            [source_id, needle])) if needle else []
-        if not rows:  # trained on a phrasing of the source (a profile fact as a question): show its opening
-            rows = list(self.db().query("select text from chunks where source_id = ? order by position limit 1",
-                                        [source_id]))
-            return " ".join(rows[0]["text"][:width].split()) if rows else ""
-        text = rows[0]["text"]
-        at = text.lower().find(needle.lower())
-        begin, end = max(0, at - width // 2), min(len(text), at + len(needle) + width // 2)
-        return ("..." if begin else "") + " ".join(text[begin:end].split()) + ("..." if end < len(text) else "")
+        if self._provenance is None:  # keeps the version's slot indexes open (memory-mapped)
+            self._provenance = Provenance(self.db(), self.packs_store())
+        return self._provenance.writers(pack, rows, version, limit, self.chat_runtime(pack, True).tokenizer)
 
     # --- memory packs and training -----------------------------------------------------------
 
