@@ -5,7 +5,8 @@ Word and large files in a child process, ``sandbox.py``), chunked and embedded f
 source row, records, chunks and embeddings are written in ONE transaction, so a crash or a kill
 never leaves half a source. That transaction also decides whether the file is a duplicate, so
 two imports of the same folder at once add each file once. The original bytes are kept under
-``uploads/<sha256>``, unmodified.
+``uploads/<sha256>``, unmodified. A zip archive of files is walked like a folder: each member, read
+through the guards of ``archives.py``, is a file of its own (a chat app's export zip is one file).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import sqlite_utils
 
 from engram_app.errors import EngramError
+from engram_app.ingest import archives
 from engram_app.ingest.chunking import chunk_records
 from engram_app.ingest.detect import parse_bytes
 from engram_app.ingest.embedding import Embedder
@@ -53,9 +55,28 @@ class ImportResult:
     title: str | None = None
     records: int = 0
     chunks: int = 0
+    warnings: list[str] = field(default_factory=list)  # added, but the user should know: read as plain text,
+    #                                                    media of a chat export skipped, dates read one way
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Entry:
+    """A file to import: one from disk, or a member of a zip archive."""
+
+    path: str  # as reported: the path given, or "notes.zip/week 1/monday.md" for a member
+    filename: str  # as stored in sources.filename: the file's name, or "notes.zip/week 1/monday.md"
+    data: bytes | None = None
+    depth: int = 0  # how many archives it is inside
+
+
+def _stored_name(filename: str | Path) -> str:
+    """The name a source keeps: a file's name, or an archive member's path inside its archive (at most 200
+    characters, its end kept)."""
+    name = filename.name if isinstance(filename, Path) else filename
+    return name if len(name) <= 200 else "..." + name[-197:]
 
 
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
@@ -109,19 +130,23 @@ class Library:
         results = []
         with ParserProcess(self.limits) as parser:  # one child process for the whole import, if needed
             for path in expand_paths(Path(p) for p in paths):
-                result = self.ingest_file(path, kind, collection_id, parser)
-                results.append(result)
-                if progress:
-                    progress(len(results), result)
+                for result in self.ingest_path(path, kind, collection_id, parser):
+                    results.append(result)
+                    if progress:
+                        progress(len(results), result)
         return results
 
-    def ingest_file(self, path: Path, kind: str, collection_id: int,
-                    parser: ParserProcess | None = None) -> ImportResult:
-        """Import one file; ``parser`` is the import's child process (a new one when not given)."""
+    def ingest_path(self, path: Path, kind: str, collection_id: int,
+                    parser: ParserProcess | None = None) -> Iterator[ImportResult]:
+        """Import one file: its result, or one per member when it is a zip archive of files.
+
+        ``parser`` is the import's child process (a new one when not given).
+        """
         if parser is None:
             with ParserProcess(self.limits) as parser:
-                return self.ingest_file(path, kind, collection_id, parser)
-        sha = None
+                yield from self.ingest_path(path, kind, collection_id, parser)
+            return
+        entry = Entry(str(path), path.name)
         size = None
         try:
             if not path.exists():
@@ -132,31 +157,100 @@ class Library:
             if size > self.max_bytes:
                 raise ImportRejected(f"the file is {size / 2**20:.2f} MB; the limit is {self.max_bytes / 2**20:.2f} MB "
                                      "(change it with --max-size)")
-            data = path.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
+            entry.data = path.read_bytes()
+        except ImportRejected as exc:
+            yield self._failed(entry, str(exc), collection_id, size=size)
+            return
+        except OSError as exc:
+            yield self._failed(entry, f"could not read the file ({type(exc).__name__}: {exc})", collection_id)
+            return
+        yield from self._ingest_entry(entry, kind, collection_id, parser, None)
+
+    def _ingest_entry(self, entry: Entry, kind: str, collection_id: int, parser: ParserProcess,
+                      budget: archives.Budget | None) -> Iterator[ImportResult]:
+        """A file's bytes: one source, or the members of a zip archive of files, each a source of its own.
+
+        A Word file or a chat app's export archive is one file (``archives.classify``).
+        """
+        if archives.is_zip(entry.data):
+            try:
+                what = archives.classify(entry.data, entry.filename, self.limits)
+            except Exception as exc:  # noqa: BLE001 (each reason is reported; a bug costs this file only)
+                yield self._failed(entry, self._reason(exc, entry), collection_id)
+                return
+            if what == "files":
+                yield from self._ingest_archive(entry, kind, collection_id, parser, budget)
+                return
+        yield self._ingest_one(entry, kind, collection_id, parser)
+
+    def _ingest_archive(self, entry: Entry, kind: str, collection_id: int, parser: ParserProcess,
+                        budget: archives.Budget | None) -> Iterator[ImportResult]:
+        """Each member of a zip archive, through the guards of ``archives.py``: a refused member fails
+        with its reason, the others import. Folders and hidden files are skipped, as in a folder walk."""
+        if entry.depth >= self.limits.archive_depth:
+            yield self._failed(entry, f"a zip archive inside {entry.depth} others: archives are opened "
+                                      f"{self.limits.archive_depth} levels deep at most; unzip it and import its files",
+                               collection_id)
+            return
+        try:
+            archive = archives.open_zip(entry.data, self.limits)
+        except Exception as exc:  # noqa: BLE001
+            yield self._failed(entry, self._reason(exc, entry), collection_id)
+            return
+        budget = budget or archives.Budget(self.limits)
+        with archive:
+            for info in archive.infolist():
+                if archives.skipped(info):
+                    continue
+                member = Entry(f"{entry.path}/{info.filename}", f"{entry.filename}/{info.filename}",
+                               depth=entry.depth + 1)
+                problem = archives.member_problem(info, self.max_bytes, self.limits)
+                if problem is None:
+                    try:
+                        member.data = archives.read_member(archive, info, self.max_bytes, budget)
+                    except Exception as exc:  # noqa: BLE001
+                        problem = self._reason(exc, member)
+                if problem:
+                    yield self._failed(member, problem, collection_id)
+                    continue
+                yield from self._ingest_entry(member, kind, collection_id, parser, budget)
+
+    def _ingest_one(self, entry: Entry, kind: str, collection_id: int, parser: ParserProcess) -> ImportResult:
+        """One file's bytes to one source (or a duplicate, or a failure with its reason)."""
+        data = entry.data
+        sha = hashlib.sha256(data).hexdigest()
+        try:
             existing = self._ready_source(sha, collection_id)  # saves parsing; _write checks again
             if existing is not None:
-                return ImportResult(str(path), "duplicate", "the same file is already in this collection", existing)
-            parsed = self._parse(data, path.name, kind, parser)
+                return ImportResult(entry.path, "duplicate", "the same file is already in this collection", existing)
+            parsed = self._parse(data, entry.filename, kind, parser)
             chunks = chunk_records(parsed.records, self.tokenizer)
             if not chunks:
                 raise ImportRejected("nothing to keep after parsing")
             vectors = self.embedder.encode([c.text for c in chunks])
             self._keep_upload(sha, data)
-            source_id, added = self._write(path, sha, size, collection_id, parsed, chunks, vectors)
+            source_id, added = self._write(entry.filename, sha, len(data), collection_id, parsed, chunks, vectors)
             if not added:
-                return ImportResult(str(path), "duplicate", "the same file is already in this collection", source_id)
-            return ImportResult(str(path), "added", None, source_id, parsed.kind, parsed.format, parsed.title,
-                                len(parsed.records), len(chunks))
-        except ImportRejected as exc:
-            reason = str(exc)
-        except (OSError, MemoryError, RecursionError) as exc:
-            reason = f"could not read the file ({type(exc).__name__}: {exc})"
-        except Exception as exc:  # a parser bug must cost this file only, never the import
-            log.exception("Unexpected error importing %s", path)
-            reason = f"unexpected error while parsing ({type(exc).__name__}: {exc})"
-        self._record_failure(path, sha, size, collection_id, reason[:500])
-        return ImportResult(str(path), "failed", reason[:500])
+                return ImportResult(entry.path, "duplicate", "the same file is already in this collection", source_id)
+            return ImportResult(entry.path, "added", None, source_id, parsed.kind, parsed.format, parsed.title,
+                                len(parsed.records), len(chunks), list(parsed.warnings))
+        except Exception as exc:  # noqa: BLE001 (a parser bug must cost this file only, never the import)
+            return self._failed(entry, self._reason(exc, entry), collection_id, sha, len(data))
+
+    @staticmethod
+    def _reason(exc: Exception, entry: Entry) -> str:
+        """What the user reads when a file fails: our own reasons as they are, anything else named."""
+        if isinstance(exc, ImportRejected):
+            return str(exc)
+        if isinstance(exc, (OSError, MemoryError, RecursionError)):
+            return f"could not read the file ({type(exc).__name__}: {exc})"
+        log.exception("Unexpected error importing %s", entry.path, exc_info=exc)
+        return f"unexpected error while parsing ({type(exc).__name__}: {exc})"
+
+    def _failed(self, entry: Entry, reason: str, collection_id: int, sha: str | None = None,
+                size: int | None = None) -> ImportResult:
+        self._record_failure(entry.filename, sha, size, collection_id, reason[:500])
+        return ImportResult(entry.path, "failed", reason[:500])
 
     def _parse(self, data: bytes, filename: str, kind: str, parser: ParserProcess) -> Parsed:
         """Parse in the child process when the file's work is not bounded by its size (see limits.py)."""
@@ -180,8 +274,10 @@ class Library:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _write(self, path, sha, size, collection_id, parsed, chunks, vectors) -> tuple[int, bool]:
+    def _write(self, filename: str | Path, sha, size, collection_id, parsed, chunks, vectors) -> tuple[int, bool]:
         """Write the source in one transaction: (its id, True), or (the id already there, False).
+
+        ``filename``: the name stored for the source (a path: its name).
 
         The duplicate check at the start of :meth:`ingest_file` only saves parsing; this one,
         under the write lock, is the one that counts when two imports of the same file race,
@@ -193,7 +289,8 @@ class Library:
                 existing = self._ready_source(sha, collection_id)
                 if existing is not None:
                     return existing, False
-                return self._insert(path, sha, size, collection_id, parsed, chunks, vectors, tokens), True
+                return self._insert(_stored_name(filename), sha, size, collection_id, parsed, chunks, vectors,
+                                    tokens), True
         except sqlite3.IntegrityError:
             existing = self._ready_source(sha, collection_id)
             if existing is None:
@@ -205,19 +302,20 @@ class Library:
                               [sha, collection_id]).fetchone()
         return row[0] if row else None
 
-    def _insert(self, path, sha, size, collection_id, parsed, chunks, vectors, tokens) -> int:
+    def _insert(self, filename: str, sha, size, collection_id, parsed, chunks, vectors, tokens) -> int:
         """The rows of a new ready source (inside the caller's transaction)."""
         self.db.execute("delete from sources where sha256 = ? and collection_id = ? and status = 'failed'",
                         [sha, collection_id])
         source_id = self.db["sources"].insert({
             "collection_id": collection_id, "kind": parsed.kind, "format": parsed.format, "title": parsed.title,
-            "filename": path.name, "sha256": sha, "size": size, "status": "ready", "error": None,
+            "filename": filename, "sha256": sha, "size": size, "status": "ready", "error": None,
             "records": len(parsed.records), "chunks": len(chunks), "tokens": tokens, "created": now(),
             "deleted": None,
         }).last_pk
         self.db["records"].insert_all(
             ({"source_id": source_id, "position": i, "kind": r.kind, "conversation": r.conversation,
-              "speaker": r.speaker, "person": r.person, "text": r.text} for i, r in enumerate(parsed.records)),
+              "speaker": r.speaker, "person": r.person, "text": r.text, "timestamp": r.timestamp}
+             for i, r in enumerate(parsed.records)),
             batch_size=500)
         chunk_ids = []
         for i, chunk in enumerate(chunks):
@@ -229,14 +327,15 @@ class Library:
              for cid, v in zip(chunk_ids, vectors)), batch_size=500)
         return source_id
 
-    def _record_failure(self, path: Path, sha, size, collection_id: int, reason: str) -> None:
+    def _record_failure(self, filename: str, sha, size, collection_id: int, reason: str) -> None:
+        name = _stored_name(filename)
         with self.db.atomic():
             # One failed row per file: a new attempt replaces the previous one's.
             self.db.execute("delete from sources where filename = ? and sha256 is ? and collection_id = ? "
-                            "and status = 'failed'", [path.name[:200], sha, collection_id])
+                            "and status = 'failed'", [name, sha, collection_id])
             self.db["sources"].insert({
-                "collection_id": collection_id, "kind": None, "format": None, "title": path.name[:200],
-                "filename": path.name[:200], "sha256": sha, "size": size, "status": "failed", "error": reason,
+                "collection_id": collection_id, "kind": None, "format": None, "title": name,
+                "filename": name, "sha256": sha, "size": size, "status": "failed", "error": reason,
                 "records": 0, "chunks": 0, "tokens": 0, "created": now(), "deleted": None,
             })
 
@@ -270,7 +369,7 @@ class Library:
         """A source with its records and chunks."""
         source = self.source(source_id)
         source["records_list"] = list(self.db.query(
-            "select position, kind, conversation, speaker, person, text from records where source_id = ? "
+            "select position, kind, conversation, speaker, person, timestamp, text from records where source_id = ? "
             "order by position", [source_id]))
         source["chunks_list"] = list(self.db.query(
             "select id, position, token_count, text from chunks where source_id = ? order by position", [source_id]))

@@ -20,12 +20,19 @@ class Record:
     speaker: str | None = None  # turns: the role or name of who said it
     person: str | None = None  # facts: who the statement is about
     conversation: int = 0  # turns: which conversation of the file
+    timestamp: str | None = None  # turns: when it was said, ISO 8601 ("...Z" when the export gave UTC)
 
 
 @dataclass
 class Parsed:
     kind: str  # document | chat | profile
-    format: str  # txt, markdown, rst, html, pdf, docx, json-text, csv-text, chatgpt, messages, transcript,
-    #              profile-json, profile-yaml, statements, persona-csv
+    format: str  # txt, markdown, rst, html, pdf, docx, json-text, csv-text, yaml-text, chatgpt, claude, telegram,
+    #              whatsapp, messages, jsonl-messages, transcript, profile-json, profile-yaml, statements, persona-csv
     title: str
     records: list[Record] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the user should know: read as plain text, media skipped
+
+
+def plural(n: int, noun: str) -> str:
+    """"1 file", "3 files": counts in the notes an import gives."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

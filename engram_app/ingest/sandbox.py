@@ -143,7 +143,7 @@ class ParserProcess:
         if "parsed" in answer:
             parsed = answer["parsed"]
             return Parsed(parsed["kind"], parsed["format"], parsed["title"],
-                          [Record(**record) for record in parsed["records"]])
+                          [Record(**record) for record in parsed["records"]], list(parsed.get("warnings") or []))
         if answer.get("restart"):
             self.close()
         if "rejected" in answer:

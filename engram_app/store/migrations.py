@@ -188,3 +188,13 @@ def m005_one_ready_source_per_file(db: sqlite_utils.Database) -> None:
                            "the upgrade that allows one ready copy of a file per collection", source_id])
     db.execute("create unique index if not exists sources_one_ready_per_file on sources (collection_id, sha256) "
                "where status = 'ready'")
+
+
+@migration
+def m006_record_timestamps(db: sqlite_utils.Database) -> None:
+    """When each chat message was written (ISO 8601), as chat exports give it: a column of records.
+
+    Records imported before stay as they were, without a time.
+    """
+    if "timestamp" not in db["records"].columns_dict:
+        db["records"].add_column("timestamp", str)
