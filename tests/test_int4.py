@@ -1,0 +1,229 @@
+"""The 4-bit chat runtime (engram_app/inference/quant.py): GGUF blocks, the int4 layer, a model on it.
+
+Tiny random models quantised to Q4_1 the way llama.cpp's converter does (gguf-py), against their
+"dequantised twin": the same model with fp32 weights equal to what the blocks stand for.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from engram_app.engram import EngramConfig
+from engram_app.engram.model import model_fingerprint
+from engram_app.inference.quant import (
+    Int4Linear,
+    LayerBlocks,
+    RescoredLogits,
+    load_layers,
+    quantize_model,
+    quantize_q4_1,
+    save_layers,
+    unpack_q4_1,
+    unpack_q8_0_as_q4,
+)
+from engram_app.models import load_base_model, use_int4
+from engram_app.settings import resolve_device
+from tiny import tiny_llama, tiny_tokenizer
+
+PROMPT = [[1, 40, 41, 42, 43, 44, 45, 46]]
+
+
+def random_weight(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    generator = np.random.default_rng(seed)
+    return (generator.standard_normal((rows, cols)) * 0.05 + generator.uniform(-0.02, 0.02, (rows, 1))).astype(np.float32)
+
+
+# --- blocks -------------------------------------------------------------------------------------
+
+
+def test_q4_1_bytes_unpack_to_exactly_the_weights_gguf_dequantises_them_to():
+    raw = quants.quantize(random_weight(48, 96), GGMLQuantizationType.Q4_1)
+    blocks = unpack_q4_1(raw)
+    reference = quants.dequantize(raw, GGMLQuantizationType.Q4_1)
+    assert blocks.codes.dtype == torch.uint8 and int(blocks.codes.max()) <= 15
+    assert blocks.shape == (48, 96) and blocks.scale.shape == (48, 3)
+    assert torch.equal(blocks.dequantize(), torch.from_numpy(reference))
+
+
+def test_q8_0_bytes_split_into_two_4_bit_halves_that_add_up_to_exactly_the_gguf_weights():
+    raw = quants.quantize(random_weight(40, 64, seed=1), GGMLQuantizationType.Q8_0)
+    blocks = unpack_q8_0_as_q4(raw)
+    reference = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q8_0))
+    halves = blocks.dequantize()
+    assert blocks.shape == (40, 128) and int(blocks.codes.max()) <= 15
+    assert torch.equal(halves[:, :64] + halves[:, 64:], reference)
+
+
+def test_saved_int4_layers_load_back_bit_for_bit_and_only_for_the_source_they_were_read_from(twins, tmp_path):
+    model = quantised(twins, compute_dtype=torch.bfloat16)
+    path = tmp_path / "int4.safetensors"
+    save_layers(path, model, source="gguf-1")
+    loaded = load_layers(path, source="gguf-1")
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert set(loaded) == set(originals) and len(loaded) == 14
+    x = torch.randn(3, 64)
+    for name, layer in originals.items():
+        assert torch.equal(loaded[name].qweight, layer.qweight)
+        assert torch.equal(loaded[name].scales_and_zeros, layer.scales_and_zeros)
+        if layer.in_features == 64:
+            assert torch.equal(loaded[name](x), layer(x))
+    assert load_layers(path, source="gguf-2") is None
+    path.write_bytes(b"not safetensors")
+    assert load_layers(path, source="gguf-1") is None
+
+
+# --- the layer ----------------------------------------------------------------------------------
+
+
+def test_int4_linear_computes_the_dequantised_fp32_linear_exactly_in_fp32_and_to_bf16_rounding_in_bf16():
+    blocks = quantize_q4_1(torch.from_numpy(random_weight(96, 128, seed=2)))
+    bias = torch.randn(96)
+    x = torch.randn(2, 5, 128)
+    reference = torch.nn.functional.linear(x, blocks.dequantize(), bias)
+    exact = Int4Linear(blocks, bias, compute_dtype=torch.float32)(x)
+    fast = Int4Linear(blocks, bias)(x)
+    assert exact.shape == fast.shape == (2, 5, 96) and fast.dtype == torch.float32
+    torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, reference, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(fast, reference)  # bf16 really is computed: the check above is not vacuous
+
+
+def test_a_q8_0_output_layer_with_rescoring_gives_the_exact_fp32_logits_of_its_best_tokens():
+    raw = quants.quantize(random_weight(304, 64, seed=3), GGMLQuantizationType.Q8_0)
+    weight = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q8_0))
+    layer = RescoredLogits(Int4Linear(unpack_q8_0_as_q4(raw), input_copies=2), weight, top=8)
+    x = torch.randn(4, 64)
+    logits, reference = layer(x), x @ weight.T
+    best = reference.topk(4, dim=-1).indices  # well inside the 8 re-scored (the 8th may be another token)
+    torch.testing.assert_close(logits.gather(1, best), reference.gather(1, best), rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    torch.testing.assert_close(logits, reference, rtol=2e-2, atol=2e-2)
+
+
+# --- a model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """(fp32 model whose weights are exactly what their Q4_1 blocks stand for, its blocks)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), seed=3)
+    found: dict[str, LayerBlocks] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                blocks = quantize_q4_1(module.weight)
+                module.weight.copy_(blocks.dequantize())
+                found[name] = LayerBlocks(blocks)
+    return model, found, tokenizer
+
+
+def quantised(twins, compute_dtype=torch.float32):
+    model, found, _ = twins
+    copy_ = copy.deepcopy(model)
+    report = quantize_model(copy_, found, compute_dtype)
+    assert len(report.quantized) == 14 and report.bytes_after < report.bytes_before / 3
+    return copy_
+
+
+def greedy(model, steps: int = 12) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor(PROMPT), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(PROMPT[0]):].tolist()
+
+
+def test_a_tiny_llama_on_int4_layers_generates_the_greedy_tokens_of_its_dequantised_fp32_twin(twins):
+    model = twins[0]
+    int4 = quantised(twins)
+    assert all(not isinstance(m, torch.nn.Linear) or isinstance(m, Int4Linear)
+               for n, m in int4.named_modules() if ".layers." in n)
+    assert greedy(int4) == greedy(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(int4(torch.tensor(PROMPT)).logits, model(torch.tensor(PROMPT)).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_the_int4_model_keeps_the_fingerprint_of_the_fp32_weights_it_was_built_from(twins):
+    assert model_fingerprint(quantised(twins)) == model_fingerprint(twins[0])
+
+
+def test_a_memory_trained_on_the_fp32_model_loads_onto_the_int4_model_and_gives_the_same_outputs(twins, tmp_path):
+    model, _, tokenizer = twins
+    peft = get_peft_model(copy.deepcopy(model), EngramConfig(tokenizer=tokenizer, layers=[1], heads=2,
+                                                             rows_per_head=1009, head_dim=8))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a memory of its own, as training leaves it (a fresh one is the identity)
+        memory = peft.base_model.memory("default")
+        for block in memory.blocks.values():
+            block.value.weight.copy_(torch.randn(block.value.weight.shape, generator=generator) * 0.5)
+        memory.table.weight.copy_(torch.randn(memory.table.weight.shape, generator=generator))
+    peft.save_pretrained(tmp_path / "memory")
+    base_int4 = quantised(twins)
+    with torch.inference_mode():
+        off = base_int4(torch.tensor(PROMPT)).logits.clone()
+    on_int4 = PeftModel.from_pretrained(base_int4, tmp_path / "memory")  # checks the fingerprint
+    with torch.inference_mode():
+        on = on_int4(torch.tensor(PROMPT)).logits
+        expected = peft(torch.tensor(PROMPT)).logits
+    assert (on - off).abs().max() > 0.1  # the memory acts on the int4 model ...
+    torch.testing.assert_close(on, expected, rtol=1e-4, atol=1e-4)  # ... as it did on the fp32 one
+    assert greedy(on_int4) == greedy(peft)
+
+
+def test_a_lora_adapter_wraps_the_int4_layers_and_adds_its_update_to_theirs(twins):
+    model = twins[0]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(5)
+    lora_fp32 = get_peft_model(copy.deepcopy(model), config)
+    lora_int4 = get_peft_model(quantised(twins), config)
+    lora_int4.load_state_dict(lora_fp32.state_dict(), strict=False)
+    with torch.inference_mode():
+        expected = lora_fp32(torch.tensor(PROMPT)).logits
+        got = lora_int4(torch.tensor(PROMPT)).logits
+        assert (expected - model(torch.tensor(PROMPT)).logits).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_bf16_int4_model_stays_within_bf16_rounding_of_its_fp32_twin(twins):
+    fast = quantised(twins, compute_dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = fast(torch.tensor(PROMPT)).logits
+        expected = twins[0](torch.tensor(PROMPT)).logits
+    assert 0 < (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_only_a_model_converted_from_gguf_is_put_on_int4_layers(tiny_model_dir, tmp_path):
+    loaded = load_base_model(str(tiny_model_dir), tmp_path, resolve_device("cpu"), int4=True)
+    assert loaded.weights == "dense" and not use_int4(loaded)
+    assert all(type(m) is not Int4Linear for m in loaded.model.modules())
+
+
+# --- the bundled model (slow) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_bundled_model_on_its_own_4_bit_blocks_picks_the_fp32_models_top_token_almost_everywhere(bundled_home):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    fp32 = load_base_model(None, bundled_home / "models", resolve_device("cpu"))
+    int4 = load_base_model(None, bundled_home / "models", resolve_device("cpu"), int4=True)
+    assert int4.weights == "int4" and (bundled_home / "models" / fp32.source.name / "int4_layers.safetensors").is_file()
+    assert sum(isinstance(m, Int4Linear) for m in int4.model.modules()) == 211  # 30 x 7 + the output layer
+    texts = [p.read_text() for p in sorted((root / "assets/examples").iterdir()) if p.suffix in (".md", ".json")]
+    agree = total = 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = torch.tensor([fp32.tokenizer.encode(text)[:1000]])
+            expected = fp32.model(ids).logits.argmax(-1)
+            got = int4.model(ids).logits.argmax(-1)
+            agree += int((expected == got).sum())
+            total += ids.shape[1]
+    assert total >= 1000 and agree / total >= 0.99  # measured 1192 of 1200 (the misses: near-ties)
