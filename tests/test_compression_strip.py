@@ -74,3 +74,21 @@ def test_a_default_config_saves_no_strip_field_and_reads_back_unstripped(tokeniz
 def test_a_strip_value_that_is_not_a_boolean_is_refused():
     with pytest.raises(ValueError, match="compression_strip must be true or false"):
         EngramConfig(compression_strip="yes")
+
+
+def test_a_new_packs_memory_strips_and_a_pack_file_made_before_keeps_its_addressing(tmp_path):
+    from pathlib import Path
+
+    from engram_app.errors import EngramError
+    from engram_app.training.sizes import PRESETS
+    from engram_app.training.transfer import PackFile, engram_config
+
+    preset = PRESETS["medium"]
+    assert preset.engram_config().compression_strip is True  # what a pack created now gets
+    pack = PackFile(Path("old.zip"), None, {})
+    saved_now = preset.engram_config().to_dict()
+    saved_before = {k: v for k, v in saved_now.items() if k != "compression_strip"}  # field absent: not stripped
+    assert engram_config(pack, saved_now, preset, "pack.json").compression_strip is True
+    assert engram_config(pack, saved_before, preset, "pack.json").compression_strip is False
+    with pytest.raises(EngramError, match="compression_strip .* must be true or false"):
+        engram_config(pack, {**saved_now, "compression_strip": "yes"}, preset, "pack.json")

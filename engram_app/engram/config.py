@@ -18,7 +18,7 @@ from typing import Any
 
 from peft import PeftConfig
 
-from engram_app.engram.registration import ENGRAM, add_peft_type
+from .registration import ENGRAM, add_peft_type
 
 FORMAT_VERSION = 2  # 1: the pre-PEFT folder layout (io.py still reads it); 2: a PEFT adapter folder
 STORAGES = ("memory", "mapped")
@@ -73,8 +73,9 @@ class EngramConfig(PeftConfig):
     compression_strip: bool = field(
         default=False,
         metadata={"help": "token compression also strips surrounding whitespace (\" the\" and \"the\" share an id), "
-                          "as DeepSeek's reference code does. Off by default: memories saved without it keep "
-                          "their addressing. Saved only when on, so configs without it read as before."},
+                          "as DeepSeek's reference code does. Off by default here, so memories saved without it "
+                          "keep their addressing (saved only when on); the app's size presets turn it on for new "
+                          "packs (it recalled more on the persona bench)."},
     )
     format_version: int = FORMAT_VERSION
     tokenizer: Any = field(
@@ -215,7 +216,7 @@ class EngramConfig(PeftConfig):
 
 def save_table(table, folder: Path, delta: bool = False) -> Path:
     """Write a mapped ``table`` to ``folder`` under a temporary name, then rename it into place."""
-    from engram_app.engram.io import replace_folder
+    from .io import replace_folder
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -44,7 +44,11 @@ class SizePreset:
     description: str
 
     def engram_config(self) -> EngramConfig:
-        return EngramConfig(rows_per_head=self.rows_per_head, head_dim=self.head_dim, storage=self.storage)
+        """A new pack's memory. Its token compression strips whitespace as DeepSeek's reference does
+        (" the" = "the"): on the persona bench it recalls more and forgets less than without
+        (docs/BENCHMARKS.md, bench/compression_strip.py). Packs made before keep their own config."""
+        return EngramConfig(rows_per_head=self.rows_per_head, head_dim=self.head_dim, storage=self.storage,
+                            compression_strip=True)
 
     def rows(self, layers: int = 1) -> int:
         config = self.engram_config()
