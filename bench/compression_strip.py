@@ -32,7 +32,7 @@ from engram_app.training.packs import PackConfig  # noqa: E402
 from engram_app.training.sizes import PRESETS  # noqa: E402
 
 SIZE = "medium"
-RETENTION = "retention.json"  # where a job keeps its pack's retention texts (training/job.py)
+RETENTION = "retention.json"  # where a job keeps its pack's retention texts (training/runner.py)
 
 
 def create_pack(service: Service, name: str, strip: bool) -> None:

@@ -1,7 +1,8 @@
 """The slot index at scale: build time, size, and "who wrote this row" for a million trained tokens.
 
 A memory with the default shape (2 orders x 8 heads, 32,749 rows per head) on the bundled
-tokenizer is fed a million tokens of synthetic Zipf-distributed text from 1,000 sources; then
+tokenizer is fed a million tokens of synthetic Zipf-distributed text from 1,000 sources (in
+chunks of 256 tokens, one training example each); then
 `writers(row)` is timed for rows that a trained token reads.
 
     python bench/slot_index.py [--tokens 1000000]
@@ -25,6 +26,8 @@ from engram_app.models import load_base_model  # noqa: E402
 from engram_app.settings import default_home, resolve_device  # noqa: E402
 from engram_app.training.slots import SlotIndex, SlotIndexBuilder  # noqa: E402
 
+CHUNK_TOKENS = 256  # the library's chunk size (ingest/chunking.py)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,8 +45,12 @@ def main() -> None:
 
     started = time.perf_counter()
     builder = SlotIndexBuilder(memory)
+    chunk = 0
     for s in range(args.sources):
-        builder.add(ranks[s * per_source:(s + 1) * per_source].tolist(), s + 1)
+        tokens = ranks[s * per_source:(s + 1) * per_source]
+        for start in range(0, len(tokens), CHUNK_TOKENS):  # one training example per chunk, as jobs have
+            chunk += 1
+            builder.add(tokens[start:start + CHUNK_TOKENS].tolist(), s + 1, chunk)
     folder = Path(tempfile.mkdtemp(prefix="slots-"))
     index = builder.write(folder / "slots")
     build_seconds = time.perf_counter() - started
@@ -72,7 +79,7 @@ def main() -> None:
         "|---|---|",
         f"| distinct n-grams | {index.size['ngrams']:,} |",
         f"| (row, n-gram) entries | {index.size['row_entries']:,} |",
-        f"| (n-gram, source) entries | {index.size['source_entries']:,} |",
+        f"| (n-gram, source, chunk) entries ({chunk:,} chunks) | {index.size['source_entries']:,} |",
         f"| files on disk | {size / 2**20:.1f} MiB |",
         f"| build time | {build_seconds:.1f} s |",
         f"| open (memory-mapped) | {open_ms:.1f} ms |",

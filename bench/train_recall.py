@@ -28,7 +28,7 @@ from engram_app.service import Service  # noqa: E402
 from engram_app.settings import Settings, default_home  # noqa: E402
 from engram_app.training import JobQueue, TrainOptions  # noqa: E402
 from engram_app.training.evaluate import answer_logprob, greedy_reply  # noqa: E402
-from engram_app.training.job import JobRunner  # noqa: E402
+from engram_app.training.runner import JobRunner  # noqa: E402
 from engram_app.training.text import Probe, fact_probes  # noqa: E402
 
 

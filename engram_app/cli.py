@@ -10,14 +10,44 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import click
 
 from engram_app import __version__
 from engram_app.errors import EngramError
+from engram_app.ingest import KINDS
 from engram_app.settings import DEFAULT_HOST, DEFAULT_PORT, DEVICE_CHOICES, Settings, default_home
+
+
+class LazyChoice(click.Choice):
+    """A :class:`click.Choice` whose values are read when a command first needs them.
+
+    The size presets and pack modes are defined in ``engram_app.training``, whose import takes
+    seconds (torch, transformers, peft): ``--help`` and the commands that never read them do not
+    wait for it.
+    """
+
+    def __init__(self, load: Callable[[], Iterable[str]]):
+        self._load = load  # not click.Choice.__init__: it would read the values now
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._load())
+
+
+def preset_names() -> list[str]:
+    from engram_app.training.sizes import PRESETS
+
+    return list(PRESETS)
+
+
+def pack_modes() -> tuple[str, ...]:
+    from engram_app.training.packs import MODES
+
+    return MODES
 
 
 def settings_options(command: Callable) -> Callable:
@@ -126,19 +156,8 @@ def inspect(settings: Settings, text: str | None, pack_name: str, ids_file: Path
         ids = data.get("ids") if isinstance(data, dict) else data
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise click.ClickException(f"{ids_file} must hold a list of token ids (or an object with \"ids\").")
-    service = Service(settings)
-    traces = service.inspect(pack_name, text=text, ids=ids)
-    tokens = [t.to_json() for t in traces]
-    if effect:
-        for item in service.memory_effect(pack_name, [t.id for t in traces], start=1):
-            tokens[item["position"]]["effect"] = item
-    if sources:
-        rows = {s["row"] for t in tokens for m in t["memory"] for s in m["slots"]}
-        who = service.provenance(pack_name, sorted(rows))
-        for t in tokens:
-            for m in t["memory"]:
-                for slot in m["slots"]:
-                    slot["sources"] = who.get(slot["row"], [])
+    report = Service(settings).inspect_report(pack_name, text=text, ids=ids, effect=effect, sources=sources)
+    tokens = report["tokens"]
     if as_json:
         click.echo(json.dumps({"tokens": tokens}, ensure_ascii=False))
         return
@@ -187,7 +206,7 @@ def serve(settings: Settings, host: str, port: int, password: str | None, allowe
 @cli.command()
 @settings_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--kind", type=click.Choice(["auto", "document", "chat", "profile"]), default="auto", show_default=True,
+@click.option("--kind", type=click.Choice(["auto", *KINDS]), default="auto", show_default=True,
               help="Force how the files are read (auto: recognised from their content).")
 @click.option("--collection", default="default", show_default=True, help="Collection the sources join.")
 @click.option("--max-size", type=float, default=50, show_default=True, help="Largest file to import, in MB.")
@@ -320,11 +339,11 @@ def pack() -> None:
 @pack.command("create")
 @settings_options
 @click.argument("name")
-@click.option("--size", type=click.Choice(["small", "medium", "large", "xlarge", "huge"]), default="medium",
+@click.option("--size", type=LazyChoice(preset_names), default="medium",
               show_default=True, help="Size preset of the memory tables (see `pack sizes`: what each needs, and "
                                       "whether this machine can hold it).")
 @click.option("--collections", multiple=True, help="Collections the pack learns from (repeat; default: all).")
-@click.option("--mode", type=click.Choice(["engram", "lora", "engram+lora"]), default="engram", show_default=True,
+@click.option("--mode", type=LazyChoice(pack_modes), default="engram", show_default=True,
               help="What trains: the Engram memory, a LoRA adapter, or both.")
 @click.option("--json", "as_json", is_flag=True)
 def pack_create(settings: Settings, name: str, size: str, collections: tuple[str, ...], mode: str, as_json: bool) -> None:

@@ -61,6 +61,7 @@ class LoadedModel:
     device: DevicePlan
     load_seconds: float
     path: Path | None  # the folder the weights were loaded from (None for hub ids)
+    weights: str = "dense"  # "int4": linear layers run from the GGUF's 4-bit blocks (use_int4, chat only)
 
 
 def bundled_gguf() -> Path | None:
@@ -196,8 +197,11 @@ def prepare_model(source: ModelSource, models_dir: Path) -> Path | str:
     return source.location
 
 
-def load_base_model(spec: str | None, models_dir: Path, device: DevicePlan) -> LoadedModel:
-    """Resolve, prepare (convert once) and load a base model onto ``device``, frozen, in eval mode."""
+def load_base_model(spec: str | None, models_dir: Path, device: DevicePlan, int4: bool = False) -> LoadedModel:
+    """Resolve, prepare (convert once) and load a base model onto ``device``, frozen, in eval mode.
+
+    ``int4``: for chat only (never for training, which needs the fp32 weights): see :func:`use_int4`.
+    """
     source = resolve_model(spec)
     target = prepare_model(source, models_dir)
     started = time.perf_counter()
@@ -215,4 +219,43 @@ def load_base_model(spec: str | None, models_dir: Path, device: DevicePlan) -> L
     model.requires_grad_(False)
     seconds = time.perf_counter() - started
     log.info("Loaded %s on %s in %.2f s.", source.name, device.describe(), seconds)
-    return LoadedModel(source, model, tokenizer, device, seconds, target if isinstance(target, Path) else None)
+    loaded = LoadedModel(source, model, tokenizer, device, seconds, target if isinstance(target, Path) else None)
+    if int4:
+        use_int4(loaded)
+    return loaded
+
+
+INT4_CACHE = "int4_layers.safetensors"  # next to a converted GGUF model: its packed 4-bit layers
+
+
+def use_int4(loaded: LoadedModel) -> bool:
+    """Run a GGUF model's linear layers from the file's own 4-bit blocks, in place; True if it now does.
+
+    For chat on the CPU: decoding reads ~6 bits per weight instead of 32 (engram_app/inference/quant.py;
+    measured in bench/decode_int4.py). Only models converted from a GGUF file, on the CPU in fp32;
+    any other model is left as it is. The model can no longer be trained (its linear layers have no
+    parameters): the training worker loads its own fp32 copy. The first use reads the GGUF file
+    and packs them (seconds) and keeps them in ``<model folder>/int4_layers.safetensors``.
+    """
+    from engram_app.inference.quant import quantize_from_gguf
+
+    if loaded.weights == "int4":
+        return True
+    if loaded.source.kind != "gguf" or loaded.device.device.type != "cpu" or loaded.device.dtype != torch.float32:
+        return False
+    gguf = Path(loaded.source.location)
+    started = time.perf_counter()
+    report = quantize_from_gguf(loaded.model, gguf, cache=loaded.path / INT4_CACHE if loaded.path else None,
+                                source=json.dumps(_gguf_fingerprint(gguf), sort_keys=True))
+    if not report.quantized:
+        return False
+    loaded.weights = "int4"
+    loaded.load_seconds += time.perf_counter() - started
+    return True
+
+
+def load_tokenizer(spec: str | None, models_dir: Path):
+    """The tokenizer of base model ``spec`` alone (converting the bundled model first if needed)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(prepare_model(resolve_model(spec), models_dir)))

@@ -366,17 +366,18 @@ def test_the_whole_flow_in_the_browser_with_the_tiny_model(tiny_app, browser, tm
     assert on == view["on"] and off and retrieval  # greedy: the compare view's memory answer is the chat's
 
 
-def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(app_url, browser, tmp_path):
+def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(bundled_home, browser, tmp_path):
     """The same flow on SmolLM2: with memory on, the reply uses a fact from the profile; off, it does not."""
-    url, _ = app_url
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    # Every one of its 100 steps (about 7.5 min here; the preset caps it at 10): the library also holds
-    # an earlier test's sources and another person's profile, so 40 steps fell short of "Pixel" in a
-    # full run, and the recall checks would wait on the other profile's facts too (stop on recall
-    # is tested in tests/test_training_bundled.py).
-    view = memory_flow(page, url, tmp_path, pack="maya", steps=100, prefix="bundled", evaluate=False,
-                       until_recalled=False)
-    print("memory off:", view["off"], "| memory on:", view["on"])
+    home = tmp_path / "home"  # a library of its own: only what the flow drops (the converted model is shared)
+    (home / "models").mkdir(parents=True)
+    for model in (bundled_home / "models").iterdir():
+        (home / "models" / model.name).symlink_to(model)
+    with running_app(home, tmp_path / "app.log") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Trains until the profile's facts are recalled at two checks in a row (about 20-40 steps
+        # here), 100 steps at most.
+        view = memory_flow(page, url, tmp_path, pack="maya", steps=100, prefix="bundled", evaluate=False)
+    print("memory off:", view["off"], "| memory on:", view["on"], "| job:", view["after_reload"])
     check_flow(view)
     assert "Pixel" in view["on"] and "Pixel" not in view["off"]
     assert "running" in view["after_reload"] or "done" in view["after_reload"]

@@ -183,6 +183,45 @@ def test_provenance_shows_the_passage_of_the_source_that_wrote_a_slot(trained):
     assert writers and "compost heap behind the shed" in writers[0]["passage"]
 
 
+def test_the_inspect_report_of_a_stored_reply_is_the_report_of_its_ids_from_the_reply_on(trained):
+    # Service.inspect_report is what the Inspect tab shows and `inspect --json` prints.
+    service, _, _ = trained
+    result = service.chat("Where do I live?", options=SHORT, pack="me")
+    stored = service.inspect_report(message=result.message_id, effect=True, sources=True)
+    whole = service.inspect_report("me", ids=result.ids, effect=True, sources=True)
+    start = len(result.prompt_ids)
+    version = service.pack("me")["active_version"]
+    assert (stored["pack"], stored["version"], stored["start"], whole["start"]) == ("me", version, start, 0)
+    assert [t["id"] for t in stored["tokens"]] == [t.id for t in result.tokens]
+    reply_part = whole["tokens"][start:]
+    assert [slots_of(t) for t in stored["tokens"]] == [slots_of(t) for t in reply_part]
+    assert [t["effect"] for t in stored["tokens"]] == [t["effect"] for t in reply_part]
+    assert [t["effect"]["position"] for t in stored["tokens"]] == list(range(start, len(result.ids)))
+    assert ([[s["sources"] for m in t["memory"] for s in m["slots"]] for t in stored["tokens"]]
+            == [[s["sources"] for m in t["memory"] for s in m["slots"]] for t in reply_part])
+    assert "effect" not in whole["tokens"][0]  # nothing comes before the first token
+    plain = service.inspect_report("me", text="hello there")  # neither asked for: the trace alone
+    assert "effect" not in plain["tokens"][-1] and "sources" not in plain["tokens"][-1]["memory"][0]["slots"][0]
+
+
+def test_the_inspect_tab_shows_a_selected_tokens_position_effect_and_the_sources_of_its_slots(trained):
+    from engram_app.ui.inspect_tab import token_details
+
+    service, _, notes = trained
+    report = service.inspect_report("me", text="compost heap behind the shed", effect=True)
+    shed = report["tokens"][-1]
+    details, text, slots, sources = token_details(service, report, len(report["tokens"]) - 1)
+    assert text == shed["text"] and len(slots) == 16
+    assert f"position {len(report['tokens']) - 1}, id {shed['id']}" in details
+    assert f"memory effect {shed['effect']['effect']:+.2f} nats" in details
+    garden = [row for row in sources if row[0] == f"Garden notes (source {notes})"]
+    assert garden and any("behind the shed" in row[4] for row in garden)
+    reply = service.chat("Where do I live?", options=SHORT, pack="me")
+    stored = service.inspect_report(message=reply.message_id, effect=True)
+    details, *_ = token_details(service, stored, 0)  # a reply's first token comes after its prompt
+    assert f"Token 1 of {len(reply.tokens)}, position {len(reply.prompt_ids)}," in details
+
+
 def test_a_pack_exported_and_imported_answers_the_same_and_bad_files_are_refused(trained, tmp_path):
     import zipfile
 

@@ -19,8 +19,8 @@ from engram_app.service import Service
 from engram_app.settings import Settings
 from engram_app.store import open_db
 from engram_app.training import JobQueue, TrainOptions
-from engram_app.training.job import JobRunner
-from engram_app.training.jobs import MAX_ATTEMPTS
+from engram_app.training.runner import JobRunner
+from engram_app.training.queue import MAX_ATTEMPTS
 from engram_app.training.worker import Worker, WorkerLocks, start_worker, worker_alive
 
 PROFILE = "# About me\n- My dog is called Pixel.\n- I live in Porto.\n"

@@ -255,7 +255,7 @@ def test_pack_export_format_peft_writes_a_folder_peft_loads_with_a_card_and_no_u
     from engram_app.service import Service
     from engram_app.settings import Settings
     from engram_app.training import JobQueue, TrainOptions
-    from engram_app.training.job import JobRunner
+    from engram_app.training.runner import JobRunner
 
     service = Service(Settings(home=tmp_path / "home", model=str(tiny_model_dir), device="cpu"))
     (tmp_path / "me.md").write_text(PROFILE)

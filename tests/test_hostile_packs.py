@@ -396,14 +396,14 @@ def test_a_base_model_named_by_an_old_absolute_path_is_the_users_copy_of_that_na
     "not a block",
 ])
 def test_an_evaluation_that_breaks_its_schema_is_dropped_and_the_pack_imports(exports, target, tmp_path, evaluation):
-    from engram_app.ui.train_tab import _version_rows
+    from engram_app.ui.train_tab import version_rows
 
     _, files = exports
     path = craft(files["me"], tmp_path / "evaluation.zip", lambda m: m.update(evaluation=evaluation))
     target.import_pack(path, "copy")
     kept = target.pack("copy")["versions"][0]["evaluation"]
     assert set(kept) == {"imported"} and kept["imported"]["file"] == "evaluation.zip"
-    assert _version_rows(target, "copy")[0][0] == 1  # the Training tab's table still renders
+    assert version_rows(target, "copy")[0][0] == 1  # the Training tab's table still renders
 
 
 def test_an_evaluation_keeps_its_figures_and_loses_any_text(exports, target, tmp_path):

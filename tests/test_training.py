@@ -23,7 +23,7 @@ from engram_app.service import Service
 from engram_app.settings import Settings
 from engram_app.training import JobQueue, TrainOptions
 from engram_app.training.dataset import plan
-from engram_app.training.job import JobRunner
+from engram_app.training.runner import JobRunner
 from engram_app.training.slots import SlotIndex
 from engram_app.training.text import (
     IGNORE,

@@ -5,7 +5,7 @@ import pytest
 from engram_app.service import Service
 from engram_app.settings import Settings
 from engram_app.training import JobQueue, TrainOptions
-from engram_app.training.job import JobRunner
+from engram_app.training.runner import JobRunner
 from engram_app.training.text import Probe
 
 pytestmark = pytest.mark.slow

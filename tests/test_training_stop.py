@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from engram_app.service import Service
 from engram_app.settings import Settings
-from engram_app.training import job as job_module
+from engram_app.training import runner as job_module
 from test_training import PROFILE_A, add_profile, run_inline
 
 
@@ -72,11 +72,11 @@ def test_a_job_trains_every_step_when_told_not_to_stop_on_recall(make_service, m
 
 
 def test_the_version_table_says_plainly_when_the_memory_has_not_learned_every_fact():
-    from engram_app.ui.train_tab import _recall_verdict
+    from engram_app.ui.train_tab import recall_verdict
 
-    assert (_recall_verdict({"probes": 10, "memory_on": {"recall": 0.6}, "memory_off": {"recall": 0.0}})
+    assert (recall_verdict({"probes": 10, "memory_on": {"recall": 0.6}, "memory_off": {"recall": 0.0}})
             == "recalls 6 of 10 facts; train longer (without memory: 0)")
-    assert (_recall_verdict({"probes": 3, "memory_on": {"recall": 1.0}, "memory_off": {"recall": 0.3333}})
+    assert (recall_verdict({"probes": 3, "memory_on": {"recall": 1.0}, "memory_off": {"recall": 0.3333}})
             == "recalls 3 of 3 facts (without memory: 1)")
 
 

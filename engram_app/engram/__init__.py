@@ -7,7 +7,8 @@ Files, one concept each (after PEFT's tuner layout):
 
 - ``config.py``       :class:`EngramConfig`, the shape and addressing of a memory
 - ``compression.py``  tokenizer compression (token id -> canonical id)
-- ``hashing.py``      suffix n-grams, multiplicative-XOR hashing, prime-modulus heads, row layout
+- ``hashing.py``      suffix n-grams, multiplicative-XOR hashing, prime-modulus heads, row layout;
+                      :func:`rows_for`, the rows one n-gram addresses (e.g. for an index of n-grams)
 - ``storage.py``      where rows live: an ``nn.Embedding`` with sparse grads, or :class:`MappedTable`
                       (only written rows, in files mapped from disk: tables larger than RAM)
 - ``layer.py``        :class:`EngramBlock`, the gate + convolution maths of one Engram layer
@@ -17,7 +18,8 @@ Files, one concept each (after PEFT's tuner layout):
 - ``io.py``           adapter folders: save, load (also the pre-PEFT format), base-model checks
 - ``optim.py``        the optimiser split (row-wise lazy Adam for tables at 5x, AdamW for the rest)
 - ``lora.py``         a PEFT LoRA adapter beside the memory
-- ``trace.py``        per-token, per-layer reports of which slots fired
+- ``trace.py``        per-token, per-layer reports of which slots fired (:func:`ngram_text`: how
+                      a slot's n-gram is written)
 
 Engram is a PEFT method. Importing this package registers it with ``peft`` (``peft_type``
 "ENGRAM", see ``registration.py``), so the standard calls work::
@@ -37,6 +39,10 @@ active one fires), and a real ``peft`` LoRA adapter composes with them on the sa
 app's own API below is implemented on that tuner. "Engram only", "LoRA only" and "Engram + LoRA"
 are all trained by the same loop.
 
+What the app needs beyond that is exported here too (file names of an adapter folder, format
+versions, fingerprints, the layout and rows of n-grams, the PEFT attach/bind calls), so nothing
+outside this folder imports its modules.
+
 Usage::
 
     memory = attach_engram(model, tokenizer, EngramConfig(layers=[1]))
@@ -46,33 +52,73 @@ Usage::
     memory = load_engram(fresh_model, tokenizer, "my-memory")
 """
 
-from engram_app.engram.config import EngramConfig
-from engram_app.engram.io import load_engram, load_lora, read_adapter_config, save_engram
-from engram_app.engram.lora import attach_lora
-from engram_app.engram.model import EngramAttachError, EngramModel, attach_engram, find_decoder_layers
-from engram_app.engram.optim import EngramOptimizer
-from engram_app.engram.registration import add_peft_type, register_engram
-from engram_app.engram.trace import TokenTrace, trace_tokens
-from engram_app.engram.tuner import EngramLayer, EngramTuner
+from .card import CARD_NAME, write_model_card
+from .compression import tokenizer_fingerprint
+from .config import FORMAT_VERSION, STORAGES, EngramConfig
+from .hashing import build_layout, rows_for, shifted_ngrams
+from .io import CONFIG_NAME, LORA_DIR, load_engram, load_lora, read_adapter_config, save_engram, write_adapter
+from .layer import EngramBlock
+from .lora import DEFAULT_TARGETS, attach_lora
+from .model import (
+    BLOCKS_FINGERPRINT_ATTR,
+    EngramAttachError,
+    EngramModel,
+    LayerTrace,
+    attach_engram,
+    base_fingerprint,
+    blocks_fingerprint,
+    find_decoder_layers,
+)
+from .optim import EngramOptimizer
+from .registration import add_peft_type, register_engram
+from .storage import MAPPED_FORMAT, MAPPED_VERSION, MappedTable
+from .trace import TokenTrace, ngram_text, reports, trace_tokens
+from .tuner import SECOND_TIME_WARNING, WEIGHTS_NAME, EngramLayer, EngramTuner, attach, bind
 
 register_engram()
 
 __all__ = [
+    "add_peft_type",
+    "attach",
+    "attach_engram",
+    "attach_lora",
+    "base_fingerprint",
+    "bind",
+    "blocks_fingerprint",
+    "BLOCKS_FINGERPRINT_ATTR",
+    "build_layout",
+    "CARD_NAME",
+    "CONFIG_NAME",
+    "DEFAULT_TARGETS",
     "EngramAttachError",
+    "EngramBlock",
     "EngramConfig",
     "EngramLayer",
     "EngramModel",
     "EngramOptimizer",
     "EngramTuner",
-    "TokenTrace",
-    "add_peft_type",
-    "attach_engram",
-    "attach_lora",
     "find_decoder_layers",
+    "FORMAT_VERSION",
+    "LayerTrace",
     "load_engram",
     "load_lora",
+    "LORA_DIR",
+    "MAPPED_FORMAT",
+    "MAPPED_VERSION",
+    "MappedTable",
+    "ngram_text",
     "read_adapter_config",
     "register_engram",
+    "reports",
+    "rows_for",
     "save_engram",
+    "SECOND_TIME_WARNING",
+    "shifted_ngrams",
+    "STORAGES",
+    "tokenizer_fingerprint",
+    "TokenTrace",
     "trace_tokens",
+    "WEIGHTS_NAME",
+    "write_adapter",
+    "write_model_card",
 ]

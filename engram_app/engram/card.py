@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
-from engram_app.engram.config import TABLE_DIR
+from .config import TABLE_DIR
 
 CARD_NAME = "README.md"
 KIND_NAMES = {"document": ("document", "documents"), "chat": ("chat history", "chat histories"),

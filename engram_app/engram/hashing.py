@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engram_app.engram.config import EngramConfig
+from .config import EngramConfig
 
 
 # Witnesses that make Miller-Rabin exact for every n < 3.3 * 10^24 (Sorenson and Webster, 2015):
@@ -133,7 +133,10 @@ def shifted_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: i
 
 
 def hash_rows(layout: TableLayout, grams: torch.Tensor) -> torch.Tensor:
-    """Global rows [B, T, num_layers, num_orders * heads] for the n-grams in ``grams`` [B, T, max_order]."""
+    """Global rows [B, T, num_layers, num_orders * heads] for the n-grams in ``grams`` [B, T, max_order].
+
+    (Any leading dimensions work: [..., max_order] -> [..., num_layers, num_orders * heads].)
+    """
     out = []
     for li in range(len(layout.layers)):
         products = grams * layout.multipliers[li].to(grams.device)  # [B, T, max_order]
@@ -146,4 +149,24 @@ def hash_rows(layout: TableLayout, grams: torch.Tensor) -> torch.Tensor:
         mixes = torch.cat(columns, dim=-1)  # [B, T, orders*heads]
         primes = layout.primes[li].to(grams.device)
         out.append(torch.remainder(mixes, primes) + layout.offsets[li].to(grams.device))
-    return torch.stack(out, dim=2)
+    return torch.stack(out, dim=-2)
+
+
+def rows_for(layout: TableLayout, grams: torch.Tensor) -> torch.Tensor:
+    """The rows that n-grams of one order address: [..., num_layers, heads] for ``grams`` [..., n].
+
+    An n-gram is given as its ``n`` compressed ids, the most recent first (``[..., j]`` is the
+    token j positions back, as :func:`shifted_ngrams` stacks them); its order is ``n``, which
+    must be one of ``layout.orders``. Row ``[..., l, k]`` is what head k of that order reads in
+    the l-th Engram layer when the n-gram ends at a token: the same rows :func:`hash_rows`
+    gives a sequence (it is computed by it), for an n-gram met anywhere, e.g. in an index.
+    """
+    order = grams.shape[-1]
+    if order not in layout.orders:
+        raise ValueError(f"the memory hashes n-grams of orders {layout.orders}, not {order}")
+    max_order = layout.multipliers.shape[1]
+    # Columns past the order are never read by this order's heads: any id will do.
+    padding = grams.new_zeros(*grams.shape[:-1], max_order - order)
+    rows = hash_rows(layout, torch.cat([grams.long(), padding.long()], dim=-1))  # [..., layers, orders*heads]
+    first = layout.orders.index(order) * layout.heads
+    return rows[..., first: first + layout.heads]

@@ -30,15 +30,15 @@ from pathlib import Path
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from engram_app.engram.config import TABLE_DIR, EngramConfig
-from engram_app.engram.model import EngramAttachError, EngramModel
-from engram_app.engram.registration import ENGRAM
-from engram_app.engram.tuner import WEIGHTS_NAME, attach, bind
+from .config import TABLE_DIR, EngramConfig
+from .model import EngramAttachError, EngramModel
+from .registration import ENGRAM
+from .tuner import WEIGHTS_NAME, attach, bind
 
 CONFIG_NAME = "adapter_config.json"
 LORA_DIR = "lora"
 __all__ = ["CONFIG_NAME", "LORA_DIR", "TABLE_DIR", "WEIGHTS_NAME", "load_engram", "load_lora", "read_adapter_config",
-           "replace_folder", "save_engram", "write_adapter"]
+           "save_engram", "write_adapter"]
 
 
 def save_engram(memory: EngramModel, folder: str | Path, lora_model=None, delta: bool = False) -> Path:
@@ -80,6 +80,8 @@ def write_adapter(memory: EngramModel, folder: Path, delta: bool = False) -> Non
 
 def replace_folder(tmp: Path, folder: Path) -> None:
     """Move the finished folder ``tmp`` to ``folder`` by renames, replacing what was there.
+
+    The engine's own (it imports nothing from the app); the app's is ``engram_app/atomic.py``.
 
     At every moment ``folder`` is either the old complete folder, absent (between two renames,
     with the old one kept beside it as ``.<name>.old``), or the new complete folder.

@@ -30,16 +30,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engram_app.engram.compression import compression_for, tokenizer_fingerprint
-from engram_app.engram.config import EngramConfig
-from engram_app.engram.hashing import TableLayout, build_layout, hash_rows, shifted_ngrams
-from engram_app.engram.layer import EngramBlock
-from engram_app.engram.storage import EmbeddingTable, MappedTable, TableStorage
+from .compression import compression_for, tokenizer_fingerprint
+from .config import EngramConfig
+from .hashing import TableLayout, build_layout, hash_rows, shifted_ngrams
+from .layer import EngramBlock
+from .storage import EmbeddingTable, MappedTable, TableStorage
 
 STATE_ATTR = "_engram_state"
 FOLLOWS_ATTR = "_engram_follows"  # set on a cache whose batch methods also move the Engram state
 FINGERPRINT_SAMPLES = 256  # weights sampled from each parameter tensor of the blocks
 ADAPTER_MARKERS = ("lora_", "engram")  # parameter names of adapters inside the blocks, not of the base
+# Set on a model whose block weights were replaced by an equivalent packed form (4-bit layers built from
+# the same weights, for inference): the blocks hash of the weights it was built from.
+BLOCKS_FINGERPRINT_ATTR = "engram_blocks_fingerprint"
 
 
 class EngramAttachError(ValueError):
@@ -81,7 +84,7 @@ def model_fingerprint(model: nn.Module) -> dict:
         "num_hidden_layers": config.num_hidden_layers,
         "vocab_size": embeddings.shape[0],
         "embedding_signs_sha256": hashlib.sha256(signs).hexdigest()[:16],
-        "blocks_sha256": blocks_fingerprint(model),
+        "blocks_sha256": getattr(model, BLOCKS_FINGERPRINT_ATTR, None) or blocks_fingerprint(model),
     }
 
 
@@ -439,6 +442,6 @@ def attach_engram(base_model: nn.Module, tokenizer, config: EngramConfig | None 
     ``table``: where the rows live, sized for the configuration (default: what ``config.storage``
     says: all rows in memory, or a :class:`MappedTable` with nothing stored yet).
     """
-    from engram_app.engram.tuner import attach  # the PEFT tuner builds it (tuner.py imports this module)
+    from .tuner import attach  # the PEFT tuner builds it (tuner.py imports this module)
 
     return attach(base_model, tokenizer, config, table)

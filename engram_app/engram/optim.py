@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engram_app.engram.model import EngramModel
-from engram_app.engram.storage import ParameterRows, TableStorage
+from .model import EngramModel
+from .storage import ParameterRows, TableStorage
 
 
 class _ParameterRows(ParameterRows):

@@ -42,8 +42,8 @@ def register_engram() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    from engram_app.engram.config import EngramConfig
-    from engram_app.engram.tuner import EngramTuner
+    from .config import EngramConfig
+    from .tuner import EngramTuner
 
     peft_type = add_peft_type(ENGRAM)
     if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engram_app.engram.model import EngramModel, LayerTrace
+from .model import EngramModel, LayerTrace
 
 START = "<s>"  # shown for n-gram positions before the start of the sequence
 

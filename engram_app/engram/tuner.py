@@ -30,9 +30,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from safetensors import safe_open
 from torch import nn
 
-from engram_app.engram.config import TABLE_DIR, EngramConfig
-from engram_app.engram.model import EngramAttachError, EngramModel, find_decoder_layers, model_fingerprint
-from engram_app.engram.storage import MappedTable, TableStorage
+from .config import TABLE_DIR, EngramConfig
+from .model import EngramAttachError, EngramModel, find_decoder_layers, model_fingerprint
+from .storage import MappedTable, TableStorage
 
 LAYER_ATTR = "engram_memory"  # the tuner's attribute holding the EngramLayer
 MEMORIES = "memories"  # the EngramLayer's ModuleDict: adapter name -> EngramModel
@@ -265,7 +265,7 @@ def check_base_model(model: nn.Module, config: EngramConfig) -> None:
         return
     actual = model_fingerprint(model)
     if config.tokenizer is not None:
-        from engram_app.engram.compression import tokenizer_fingerprint
+        from .compression import tokenizer_fingerprint
 
         actual["tokenizer_sha256"] = tokenizer_fingerprint(config.tokenizer)
     differences = [key for key in expected if key in actual and expected[key] != actual[key]]

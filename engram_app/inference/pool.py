@@ -32,11 +32,11 @@ import torch
 from peft import PeftModel
 
 from engram_app.engram import EngramConfig
-from engram_app.engram.io import CONFIG_NAME, LORA_DIR, WEIGHTS_NAME, read_adapter_config
-from engram_app.engram.tuner import SECOND_TIME_WARNING, attach, bind
+from engram_app.engram import CONFIG_NAME, LORA_DIR, SECOND_TIME_WARNING, WEIGHTS_NAME, attach, bind, read_adapter_config
 from engram_app.errors import EngramError
 from engram_app.inference.runtime import Runtime
-from engram_app.models import LoadedModel
+from engram_app.models import LoadedModel, use_int4
+from engram_app.settings import int4_chat_enabled
 from engram_app.training.adapters import Adapted
 from engram_app.training.packs import PackConfig
 
@@ -83,7 +83,11 @@ class _Loaded:
 class ModelPool:
     """The one copy of a base model, and the pack adapters loaded on it (LRU, within a byte budget)."""
 
-    def __init__(self, loaded: LoadedModel, budget_bytes: int):
+    def __init__(self, loaded: LoadedModel, budget_bytes: int, int4: bool | None = None):
+        """``int4``: run a GGUF model from its 4-bit blocks on the CPU (models.py ``use_int4``); None: as
+        ``ENGRAM_INT4`` says (off by default). The pool serves chat only, so its model never trains."""
+        if int4 if int4 is not None else int4_chat_enabled():
+            use_int4(loaded)
         self.loaded = loaded
         self.base = loaded.model
         self.tokenizer = loaded.tokenizer

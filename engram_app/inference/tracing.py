@@ -20,8 +20,7 @@ import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from engram_app.engram.model import EngramModel, LayerTrace
-from engram_app.engram.trace import TokenTrace, reports
+from engram_app.engram import EngramModel, LayerTrace, TokenTrace, reports
 
 
 @dataclass

@@ -15,15 +15,14 @@ import hashlib
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import sqlite_utils
 
+from engram_app.atomic import write_bytes
 from engram_app.errors import EngramError
 from engram_app.ingest import archives
 from engram_app.ingest.chunking import chunk_records
@@ -32,16 +31,13 @@ from engram_app.ingest.embedding import Embedder
 from engram_app.ingest.limits import DEFAULT_LIMITS, ParseLimits, isolated
 from engram_app.ingest.records import ImportRejected, Parsed
 from engram_app.ingest.sandbox import ParserProcess
+from engram_app.store.db import now
 
 log = logging.getLogger(__name__)
 # pypdf logs a warning for every damaged PDF; the import reports the reason itself.
 logging.getLogger("pypdf").setLevel(logging.ERROR)
 
 DEFAULT_MAX_BYTES = 50 * 2**20  # per file; --max-size changes it
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -263,16 +259,7 @@ class Library:
         target = self.uploads / sha
         if target.exists():
             return
-        # A name of its own per writer: two imports of the same file (threads of one process too)
-        # must not write into each other's temporary file.
-        fd, tmp = tempfile.mkstemp(dir=self.uploads, prefix=f".{sha}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(target, data)  # a temporary name per writer: two imports of one file never mix
 
     def _write(self, filename: str | Path, sha, size, collection_id, parsed, chunks, vectors) -> tuple[int, bool]:
         """Write the source in one transaction: (its id, True), or (the id already there, False).

@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
@@ -14,6 +15,11 @@ from engram_app.store.migrations import migrate
 
 DB_NAME = "engram.db"
 BUSY_SECONDS = 30
+
+
+def now() -> str:
+    """The time stamps the app writes into its tables: UTC, ISO 8601, microseconds."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Database(sqlite_utils.Database):

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from engram_app.engram import EngramModel, attach_engram, attach_lora, load_engram, load_lora, save_engram
-from engram_app.engram.io import CONFIG_NAME, LORA_DIR, replace_folder
+from engram_app.engram import (CONFIG_NAME, LORA_DIR, EngramModel, attach_engram, attach_lora, load_engram,
+                               load_lora, save_engram)
+from engram_app.atomic import new_folder
 from engram_app.training.packs import PackConfig
 
 LORA_ONLY_MARKER = "pack_version.json"
@@ -58,16 +57,9 @@ class Adapted:
         """
         if self.memory is not None:
             return save_engram(self.memory, folder, lora_model=self.lora, delta=checkpoint)
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with new_folder(folder) as tmp:
             self.lora.save_pretrained(tmp / LORA_DIR)
             (tmp / LORA_ONLY_MARKER).write_text(json.dumps({"mode": "lora"}))
-            replace_folder(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
 

@@ -63,15 +63,20 @@ def plan(db: sqlite_utils.Database, collections: list[str], learned_before: list
 
 
 def source_examples(db: sqlite_utils.Database, tokenizer, source_id: int, max_length: int) -> tuple[list[Example], list[Probe]]:
-    """The training examples and recall probes of one source (none when it was deleted)."""
+    """The training examples and recall probes of one source (none when it was deleted).
+
+    Each example carries the id of the chunk it renders (see :class:`Example`): a document
+    chunk's text, a chat chunk's turns, or a phrasing of a fact, for the first chunk holding
+    that fact's record (chunks may overlap; a fact is trained once).
+    """
     rows = list(db.query("select kind, status from sources where id = ?", [source_id]))
     if not rows or rows[0]["status"] != "ready":
         return [], []
     kind = rows[0]["kind"]
     records = list(db.query("select position, kind, speaker, person, text from records where source_id = ? "
                             "order by position", [source_id]))
-    chunks = list(db.query("select text, first_record, last_record from chunks where source_id = ? order by position",
-                           [source_id]))
+    chunks = list(db.query("select id, text, first_record, last_record from chunks where source_id = ? "
+                           "order by position", [source_id]))
     examples: list[Example] = []
     probes: list[Probe] = []
     facts_done: set[int] = set()
@@ -83,24 +88,25 @@ def source_examples(db: sqlite_utils.Database, tokenizer, source_id: int, max_le
             if r["kind"] == "fact" and r["position"] not in facts_done:
                 facts_done.add(r["position"])
                 for conversation in fact_phrasings(r["text"]):
-                    examples.append(conversation_example(tokenizer, conversation, source_id, kind, max_length))
+                    examples.append(conversation_example(tokenizer, conversation, source_id, kind, max_length,
+                                                         chunk["id"]))
                 probes += fact_probes(r["text"], source_id)
         if turns:
-            examples.append(_chat(tokenizer, turns, source_id, kind, max_length))
+            examples.append(_chat(tokenizer, turns, source_id, kind, max_length, chunk["id"]))
         if texts:
-            examples.append(text_example(tokenizer, chunk["text"], source_id, kind, max_length))
+            examples.append(text_example(tokenizer, chunk["text"], source_id, kind, max_length, chunk["id"]))
     return [e for e in examples if e.loss_tokens > 0], probes
 
 
-def _chat(tokenizer, turns, source_id: int, kind: str, max_length: int) -> Example:
+def _chat(tokenizer, turns, source_id: int, kind: str, max_length: int, chunk_id: int) -> Example:
     messages = turns_as_messages(turns)
     if getattr(tokenizer, "chat_template", None):
         try:
-            return chat_example(tokenizer, messages, source_id, kind, max_length)
+            return chat_example(tokenizer, messages, source_id, kind, max_length, chunk_id=chunk_id)
         except Exception:  # a template that refuses this turn order (e.g. must start with the user)
             pass
     text = "\n".join(f"{speaker or 'Speaker'}: {line}" for speaker, line in turns)
-    return text_example(tokenizer, text, source_id, kind, max_length)
+    return text_example(tokenizer, text, source_id, kind, max_length, chunk_id)
 
 
 def build(db: sqlite_utils.Database, tokenizer, plan: Plan, max_length: int, replay_ratio: float,

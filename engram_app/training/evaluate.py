@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from engram_app.atomic import write_text
 from engram_app.training.adapters import Adapted
 from engram_app.training.text import IGNORE, Example, Probe
 
@@ -203,10 +204,7 @@ def retention_examples(adapted: Adapted, tokenizer, cache: Path, max_length: int
             for prompt in RETENTION_PROMPTS:
                 reply, ids = greedy_reply(adapted.model, tokenizer, prompt, max_new_tokens=48)
                 data.append({"prompt": prompt, "reply": reply, "reply_ids": ids})
-        tmp = cache.with_suffix(".tmp")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(cache)
+        write_text(cache, json.dumps(data, indent=1))
     out = []
     for item in data:
         head, tail = prompt_ids(tokenizer, item["prompt"]), item["reply_ids"]

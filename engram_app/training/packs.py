@@ -19,7 +19,6 @@ import re
 import shutil
 import sqlite3
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
@@ -27,6 +26,7 @@ import sqlite_utils
 from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
 from engram_app.store.batches import batched, placeholders
+from engram_app.store.db import now
 from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, check_fits
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -39,10 +39,6 @@ def check_name(name: str) -> str:
         raise EngramError(f"Invalid pack name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
                           "letter or digit.")
     return name
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def sync_folder(folder: Path) -> None:
@@ -103,10 +99,19 @@ class PackStore:
     def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
                collections: list[str] | None = None, mode: str = "engram", config: PackConfig | None = None) -> dict:
         check_name(name)
+        known = {r["name"] for r in self.db.query("select name from collections")}
+        unknown = [c for c in collections or [] if c not in known]
+        if unknown:
+            raise EngramError(f"No collection named {', '.join(map(repr, unknown))} in the library "
+                              f"(collections: {', '.join(sorted(known)) or 'none yet'}).")
         check_fits(size, self.root.parent)  # an unknown size is refused here too, with the sizes
         config = config or PackConfig(preset=size, mode=mode, engram=PRESETS[size].engram_config().to_dict())
         self.reserve(name, base_model, config, collections)
         return self.get(name)
+
+    def names(self) -> dict[int, str]:
+        """Every pack's name by its id."""
+        return {r["id"]: r["name"] for r in self.db.query("select id, name from packs")}
 
     def reserve(self, name: str, base_model: str | None, config: PackConfig,
                 collections: list[str] | None = None) -> dict:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import sqlite_utils
 
-from engram_app.engram.card import CARD_NAME, write_model_card
-from engram_app.engram.io import CONFIG_NAME, LORA_DIR, load_engram, replace_folder, write_adapter
+from engram_app.atomic import new_folder
+from engram_app.engram import CARD_NAME, CONFIG_NAME, LORA_DIR, load_engram, write_adapter, write_model_card
 from engram_app.errors import EngramError
 from engram_app.models import BUNDLED_NAME, HUB_ID
 from engram_app.training.packs import PackStore
@@ -71,9 +70,7 @@ def export_peft(db: sqlite_utils.Database, store: PackStore, name: str, destinat
         raise EngramError(f"{destination} exists and is not an empty folder: name a new folder to export into.")
     source = Path(version["path"])
     reference, hub_id = base_model_reference(pack["base_model"])
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
+    with new_folder(destination) as tmp:  # replaces the empty folder (checked above) or creates it
         _copy_adapters(source, tmp, load_base)
         for config in [tmp / CONFIG_NAME, tmp / LORA_DIR / CONFIG_NAME]:
             if config.is_file():
@@ -81,12 +78,6 @@ def export_peft(db: sqlite_utils.Database, store: PackStore, name: str, destinat
                 data["base_model_name_or_path"] = reference
                 config.write_text(json.dumps(data, indent=2, sort_keys=True))
         write_model_card(tmp, reference, source_kinds(db, version["sources"]), hub_id)
-        if destination.exists():
-            destination.rmdir()  # empty (checked above)
-        replace_folder(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return destination
 
 

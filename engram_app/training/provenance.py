@@ -1,7 +1,13 @@
-"""Who wrote a memory slot: the sources, n-grams and passages behind a row of a pack version.
+"""Who wrote a memory slot: the sources, chunks, n-grams and passages behind a row of a pack version.
 
 Read from the version's slot index (training/slots.py), which records, for every n-gram the
-trainer saw, the sources it came from; the passage shown is where that source says the n-gram.
+trainer saw, the library chunk of each training example it came from. The passage shown for a
+writer is that chunk's text: around the n-gram where the chunk says it, else the chunk's start
+(a profile fact trained as a question and answer writes n-grams its chunk never spells out:
+"What is my dog called?" comes from the chunk "My dog is called Pixel.").
+
+Indexes written before chunks were recorded know the source only: for them the passage is
+searched for in the source's chunks, else the source's opening is shown, as those versions did.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from pathlib import Path
 
 import sqlite_utils
 
-from engram_app.engram.trace import START
+from engram_app.engram import ngram_text
 from engram_app.errors import EngramError
 from engram_app.training.packs import PackStore
-from engram_app.training.slots import SlotIndex
+from engram_app.training.slots import SlotIndex, Writer
+
+WIDTH = 160  # characters of a passage around its n-gram
 
 
 class Provenance:
@@ -26,7 +34,11 @@ class Provenance:
         self._indexes: dict[str, SlotIndex] = {}
 
     def writers(self, pack: str, rows: Sequence[int], version: int | None, limit: int, tokenizer) -> dict[int, list[dict]]:
-        """For each row: source id, title, status, n-gram (as trace reports write it), count, passage."""
+        """For each row: source id, title, status, n-gram (as trace reports write it), count, passage, chunk.
+
+        ``chunk`` is the library chunk whose training text wrote the row (None for an index of an
+        earlier version, which did not record it).
+        """
         info = self.store.version(pack, version)
         if info is None:
             return {int(r): [] for r in rows}
@@ -46,25 +58,47 @@ class Provenance:
                     hit = list(self.db.query("select title, status from sources where id = ?", [w.source_id]))
                     titles[w.source_id] = hit[0] if hit else {"title": None, "status": "unknown"}
                 source = titles[w.source_id]
-                pieces = [START if t < 0 else tokenizer.decode([t], clean_up_tokenization_spaces=False)
-                          for t in w.ngram_ids]
                 found.append({"source": w.source_id, "title": source["title"], "status": source["status"],
-                              "ngram": "|".join(pieces), "count": w.count,
-                              "passage": self.passage(w.source_id, [p for p in pieces if p != START])})
+                              "ngram": self.ngram(w, tokenizer), "count": w.count,
+                              "passage": self.writer_passage(w, tokenizer), "chunk": w.chunk_id})
             out[int(row)] = found
         return out
 
-    def passage(self, source_id: int, pieces: list[str], width: int = 160) -> str:
-        """Where a source says an n-gram: the text around it in the source's chunks (or its opening)."""
-        needle = "".join(pieces).strip()
+    @staticmethod
+    def ngram(writer: Writer, tokenizer) -> str:
+        """The writer's n-gram written as trace reports write a slot's n-gram (``"<s>|My| dog"``)."""
+        ids = [t for t in writer.ngram_ids if t >= 0]
+        return ngram_text(tokenizer, ids, len(ids) - 1, len(writer.ngram_ids))
+
+    def writer_passage(self, writer: Writer, tokenizer) -> str:
+        """The passage of the chunk that wrote the row; for an earlier version's index, a searched one."""
+        needle = "".join(tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in writer.ngram_ids if t >= 0)
+        if writer.chunk_id is not None:
+            return self.passage(writer.chunk_id, needle)
+        return self.searched_passage(writer.source_id, needle)
+
+    def passage(self, chunk_id: int, needle: str, width: int = WIDTH) -> str:
+        """Chunk ``chunk_id``'s text around ``needle`` (case and spacing aside), else its start ("" if deleted)."""
+        rows = list(self.db.query("select text from chunks where id = ?", [chunk_id]))
+        return _around(rows[0]["text"], needle, width) if rows else ""
+
+    def searched_passage(self, source_id: int, needle: str, width: int = WIDTH) -> str:
+        """For indexes that know no chunk: the first of the source's chunks that says ``needle``, else its opening."""
+        needle = needle.strip()
         rows = list(self.db.query(
             "select text from chunks where source_id = ? and instr(lower(text), lower(?)) > 0 order by position limit 1",
             [source_id, needle])) if needle else []
         if not rows:  # trained on a phrasing of the source (a profile fact as a question): show its opening
             rows = list(self.db.query("select text from chunks where source_id = ? order by position limit 1",
                                       [source_id]))
-            return " ".join(rows[0]["text"][:width].split()) if rows else ""
-        text = rows[0]["text"]
-        at = text.lower().find(needle.lower())
-        begin, end = max(0, at - width // 2), min(len(text), at + len(needle) + width // 2)
-        return ("..." if begin else "") + " ".join(text[begin:end].split()) + ("..." if end < len(text) else "")
+        return _around(rows[0]["text"], needle, width) if rows else ""
+
+
+def _around(text: str, needle: str, width: int) -> str:
+    """``text`` (its runs of whitespace made one space) around the first ``needle``, else its first ``width`` chars."""
+    flat, needle = " ".join(text.split()), " ".join(needle.split())
+    at = flat.lower().find(needle.lower()) if needle else -1
+    if at < 0:
+        return flat[:width] + ("..." if len(flat) > width else "")
+    begin, end = max(0, at - width // 2), min(len(flat), at + len(needle) + width // 2)
+    return ("..." if begin else "") + flat[begin:end] + ("..." if end < len(flat) else "")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import sqlite_utils
 
 from engram_app.errors import EngramError
-from engram_app.training.packs import now
+from engram_app.store.db import now
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "cancelled")
@@ -91,6 +91,26 @@ class JobQueue:
     def rows(self, limit: int = 50) -> list[dict]:
         return list(self.db.query("select j.*, p.name as pack from jobs j join packs p on p.id = j.pack_id "
                                   "order by j.id desc limit ?", [limit]))
+
+    def view(self, job_id: int, worker_alive: bool, metrics: bool = False, log_tail: int = 20) -> dict:
+        """A job as the UI and ``job ID`` show it: its row, the latest metrics, the log's tail and,
+        with ``metrics``, every metric. ``interrupted`` when it is running without a live worker."""
+        view = job_view(self.row(job_id), worker_alive)
+        latest = self.db.query("select name, value from job_metrics where job_id = ? and step = (select max(step) "
+                               "from job_metrics where job_id = ?)", [job_id, job_id])
+        view["latest"] = {r["name"]: r["value"] for r in latest}
+        view["log"] = self.logs(job_id, log_tail)
+        if metrics:
+            view["metrics"] = self.metrics(job_id)
+        return view
+
+    def views(self, worker_alive: bool, limit: int = 50) -> list[dict]:
+        """The newest jobs, as ``jobs`` lists them."""
+        return [job_view(row, worker_alive) for row in self.rows(limit)]
+
+    def pending(self) -> int:
+        """Jobs queued or left running (by a worker that died): what a new worker would take up."""
+        return self.db.execute("select count(*) from jobs where status in ('queued', 'running')").fetchone()[0]
 
     def options(self, job: dict) -> dict:
         return json.loads(job["options"] or "{}")
@@ -198,3 +218,31 @@ class JobQueue:
         rows = list(self.db.query("select level, message, created from job_logs where job_id = ? order by id desc "
                                   "limit ?", [job_id, tail]))
         return rows[::-1]
+
+
+def job_view(row: dict, worker_alive: bool) -> dict:
+    """A job row as the CLI's JSON and the UI show it (options and result parsed)."""
+    status = row["status"]
+    if status == "running" and not worker_alive:
+        status = "interrupted"
+    options = json.loads(row["options"] or "{}")
+    return {
+        "id": row["id"], "pack": row["pack"], "status": status, "step": row["step"], "total_steps": row["total_steps"],
+        "progress": row["progress"], "cancel_requested": bool(row["cancel_requested"]), "error": row["error"],
+        "result": json.loads(row["result"]) if row["result"] else None, "options": options.get("train", {}),
+        "plan": options.get("plan"), "created": row["created"], "started": row["started"],
+        "finished": row["finished"], "heartbeat": row["heartbeat"],
+    }
+
+
+def submit_training(db: sqlite_utils.Database, store, pack: str, options: TrainOptions) -> int:
+    """Queue a job for ``pack`` (a name in ``store``, a PackStore); refused when it has nothing new to learn."""
+    from engram_app.training.runner import plan_job
+
+    info = store.get(pack)
+    job_plan, _parent = plan_job(db, store, info, options)
+    if not job_plan.new:
+        where = f"collections {', '.join(info['collections'])}" if info["collections"] else "the library"
+        raise EngramError(f"Nothing new to learn for pack {pack!r}: {where} has no source it has not learned. "
+                          "Import files first, or retrain everything with --full.")
+    return JobQueue(db).submit(info["id"], options)

@@ -23,14 +23,14 @@ from pathlib import Path
 import sqlite_utils
 import torch
 
-from engram_app.engram.io import replace_folder
+from engram_app.atomic import new_folder
 from engram_app.errors import EngramError
 from engram_app.models import load_base_model
 from engram_app.settings import Settings, resolve_device
 from engram_app.training import adapters
 from engram_app.training.dataset import Plan, build, plan
 from engram_app.training.evaluate import mean_loss, recalled, relative, retention_examples, run_probes
-from engram_app.training.jobs import JobQueue, TrainOptions
+from engram_app.training.queue import JobQueue, TrainOptions
 from engram_app.training.packs import PackStore
 from engram_app.training.peft_export import write_version_card
 from engram_app.training.slots import SlotIndex, SlotIndexBuilder
@@ -145,7 +145,7 @@ class JobRunner:
         folder = self.packs.version_folder(pack["name"], number)
         adapted.save(folder)
         if adapted.memory is not None:
-            self._write_slots(adapted, tokenizer, folder, job_plan, options, parent_dir)
+            self._write_slots(adapted, folder, trainer, len(new), parent_dir)
         write_version_card(self.db, pack["base_model"], job_plan.learned, folder)  # README.md: a shareable folder
         self.packs.record_version(pack["id"], number, folder, self.job_id, job_plan.learned, evaluation)
         shutil.rmtree(job_dir, ignore_errors=True)
@@ -200,21 +200,29 @@ class JobRunner:
                                     "examples": report["probes"][:options.max_probes]}
         return evaluation
 
-    def _write_slots(self, adapted, tokenizer, folder: Path, job_plan: Plan, options: TrainOptions,
-                     parent_dir: Path | None) -> None:
-        builder = SlotIndexBuilder(adapted.memory)
-        from engram_app.training.dataset import source_examples
+    def _write_slots(self, adapted, folder: Path, trainer: Trainer, new: int, parent_dir: Path | None) -> None:
+        """The version's slot index, from the examples this run trained on, merged with the parent's index.
 
-        for sid in job_plan.new:
-            for example in source_examples(self.db, tokenizer, sid, options.max_length)[0]:
-                builder.add(example.ids, sid)
+        ``trainer.examples`` is the run's list: its first ``new`` examples come from the sources
+        new to this job, the rest are replayed ones, which the parent's index holds already. An
+        example is indexed (with its chunk) once a batch drew it: a run stopped inside its first
+        epoch wrote no row for the examples it never drew.
+        """
+        from engram_app.training.trainer import batch_indices
+
+        examples, size, seed = trainer.examples, trainer.options.batch_size, trainer.options.seed
+        per_epoch = -(-len(examples) // size)
+        drawn = (range(len(examples)) if trainer.step >= per_epoch else
+                 sorted({i for step in range(trainer.step) for i in batch_indices(len(examples), size, step, seed)}))
+        builder = SlotIndexBuilder(adapted.memory)
+        for i in drawn:
+            if i < new:
+                builder.add(examples[i].ids, examples[i].source_id, examples[i].chunk_id)
         previous = None
         if parent_dir is not None and SlotIndex.exists(parent_dir / "slots"):
             previous = SlotIndex.open(parent_dir / "slots")
-        tmp = folder / ".slots.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        builder.write(tmp, previous)
-        replace_folder(tmp, folder / "slots")
+        with new_folder(folder / "slots") as tmp:
+            builder.write(tmp, previous)
 
 
 def _round(value: float | None) -> float | None:

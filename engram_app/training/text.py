@@ -36,12 +36,19 @@ _WORD = re.compile(r"[A-Za-z']+|[^A-Za-z']+")
 
 @dataclass
 class Example:
-    """One training sequence: token ids, labels (IGNORE where no loss), the source it came from."""
+    """One training sequence: token ids, labels (IGNORE where no loss), the source and chunk it came from.
+
+    ``chunk_id`` is the library chunk (``chunks.id``) whose text the sequence renders: a
+    document's chunk, the chunk holding a chat's turns, the chunk holding a profile fact (for
+    every phrasing of that fact). The slot index records it, so the inspector shows the very
+    passage that wrote a memory row. None for sequences from no chunk (evaluation texts).
+    """
 
     ids: list[int]
     labels: list[int]
     source_id: int
-    kind: str  # document | chat | profile
+    kind: str  # document | chat | profile | retention
+    chunk_id: int | None = None
 
     @property
     def loss_tokens(self) -> int:
@@ -157,16 +164,17 @@ def fact_probes(fact: str, source_id: int | None = None) -> list[Probe]:
 
 # --- tokenisation -----------------------------------------------------------------------------
 
-def text_example(tokenizer, text: str, source_id: int, kind: str, max_length: int) -> Example:
+def text_example(tokenizer, text: str, source_id: int, kind: str, max_length: int,
+                 chunk_id: int | None = None) -> Example:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
     eos = tokenizer.eos_token_id
     if eos is not None and len(ids) < max_length:
         ids = ids + [eos]
-    return Example(ids, list(ids), source_id, kind)
+    return Example(ids, list(ids), source_id, kind, chunk_id)
 
 
 def chat_example(tokenizer, messages: list[dict], source_id: int, kind: str, max_length: int,
-                 loss_roles: tuple[str, ...] = ("user", "assistant")) -> Example:
+                 loss_roles: tuple[str, ...] = ("user", "assistant"), chunk_id: int | None = None) -> Example:
     """``messages`` rendered with the chat template; loss on the turns whose role is in ``loss_roles``.
 
     Each turn's span is found by rendering the conversation up to it (chat templates render a
@@ -192,7 +200,7 @@ def chat_example(tokenizer, messages: list[dict], source_id: int, kind: str, max
         for j, (a, b) in enumerate(offsets):
             if a >= start and b <= end and b > a:
                 labels[j] = ids[j]
-    return Example(ids[:max_length], labels[:max_length], source_id, kind)
+    return Example(ids[:max_length], labels[:max_length], source_id, kind, chunk_id)
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -204,11 +212,13 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
-def conversation_example(tokenizer, conversation: list[dict], source_id: int, kind: str, max_length: int) -> Example:
+def conversation_example(tokenizer, conversation: list[dict], source_id: int, kind: str, max_length: int,
+                         chunk_id: int | None = None) -> Example:
     """A phrasing from :func:`fact_phrasings`: plain text, or chat turns with loss on the reply."""
     if conversation[0]["role"] == "text":
-        return text_example(tokenizer, conversation[0]["content"], source_id, kind, max_length)
-    return chat_example(tokenizer, conversation, source_id, kind, max_length, loss_roles=("assistant",))
+        return text_example(tokenizer, conversation[0]["content"], source_id, kind, max_length, chunk_id)
+    return chat_example(tokenizer, conversation, source_id, kind, max_length, loss_roles=("assistant",),
+                        chunk_id=chunk_id)
 
 
 def turns_as_messages(turns: list[tuple[str | None, str]]) -> list[dict]:

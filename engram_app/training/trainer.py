@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engram_app.engram import EngramOptimizer
-from engram_app.engram.io import replace_folder
+from engram_app.atomic import new_folder
 from engram_app.training.adapters import Adapted
 from engram_app.training.evaluate import pad_batch, pad_id
-from engram_app.training.jobs import TrainOptions
+from engram_app.training.queue import TrainOptions
 from engram_app.training.text import Example
 
 ADAPTER_DIR = "adapter"
@@ -92,10 +90,7 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        folder = self.checkpoint_dir
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
-        try:
+        with new_folder(self.checkpoint_dir) as tmp:
             self.adapted.save(tmp / ADAPTER_DIR, checkpoint=True)
             tensors, groups = {}, []
             for k, state in enumerate(self.optimizer.state_dict()):
@@ -112,10 +107,6 @@ class Trainer:
             (tmp / STATE_FILE).write_text(json.dumps({
                 "step": self.step, "total": self.total, "elapsed": self.elapsed, "optimizers": groups,
                 "extra": self.extra}, indent=1))
-            replace_folder(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if self.on_checkpoint:
             self.on_checkpoint(self.step)
 

@@ -56,19 +56,16 @@ from pathlib import Path, PurePath
 
 import torch
 
-from engram_app.engram.compression import tokenizer_fingerprint
-from engram_app.engram.config import FORMAT_VERSION as ENGRAM_FORMAT_VERSION
-from engram_app.engram.config import STORAGES, EngramConfig
-from engram_app.engram.hashing import build_layout
-from engram_app.engram.layer import EngramBlock
-from engram_app.engram.lora import DEFAULT_TARGETS
-from engram_app.engram.model import base_fingerprint, find_decoder_layers
-from engram_app.engram.storage import MAPPED_FORMAT, MAPPED_VERSION
+from engram_app.atomic import new_file
+from engram_app.engram import DEFAULT_TARGETS, MAPPED_FORMAT, MAPPED_VERSION, STORAGES, EngramBlock, EngramConfig
+from engram_app.engram import FORMAT_VERSION as ENGRAM_FORMAT_VERSION
+from engram_app.engram import base_fingerprint, build_layout, find_decoder_layers, tokenizer_fingerprint
 from engram_app.errors import EngramError
 from engram_app.models import BUNDLED_NAME, HUB_ID, load_base_model, resolve_model
 from engram_app.settings import Settings, resolve_device
+from engram_app.store.db import now
 from engram_app.training import adapters
-from engram_app.training.packs import MODES, NAME, PRESETS, PackConfig, PackStore, check_name, now
+from engram_app.training.packs import MODES, NAME, PRESETS, PackConfig, PackStore, check_name
 from engram_app.training.sizes import SizePreset
 
 log = logging.getLogger(__name__)
@@ -120,6 +117,32 @@ def members_for(config: PackConfig) -> list[str]:
 # --- export ------------------------------------------------------------------------------------
 
 
+def export(store: PackStore, settings: Settings, name: str, destination: str | Path | None = None,
+           number: int | None = None, format: str = "zip") -> Path:
+    """Write version ``number`` (the active one by default) of pack ``name``; returns its path.
+
+    ``format``: "zip", one file for `pack import` (:func:`export_pack`); or "peft", a PEFT adapter
+    folder with a model card (training/peft_export.py). ``destination`` defaults to
+    ``<home>/exports/<name>-v<number>[.zip]``.
+    """
+    if format not in ("zip", "peft"):
+        raise EngramError(f"Unknown export format {format!r}: choose zip or peft.")
+    shown = number or store.get(name)["active_version"]
+    default = settings.home / "exports" / (f"{name}-v{shown}" + (".zip" if format == "zip" else ""))
+    destination = Path(destination) if destination else default
+    if format == "zip":
+        return export_pack(store, name, destination, number)
+    from engram_app.training.runner import model_spec
+    from engram_app.training.peft_export import export_peft
+
+    def load_base():  # a copy of its own: the export wraps the model in PEFT
+        loaded = load_base_model(model_spec(store.get(name)["base_model"]), settings.models_dir,
+                                 resolve_device(settings.device))
+        return loaded.model, loaded.tokenizer
+
+    return export_peft(store.db, store, name, destination, number, load_base=load_base)
+
+
 def export_pack(store: PackStore, name: str, destination: Path, number: int | None = None) -> Path:
     """Write version ``number`` (the active one by default) of pack ``name`` to ``destination`` (a .zip)."""
     pack = store.get(name)
@@ -148,19 +171,12 @@ def export_pack(store: PackStore, name: str, destination: Path, number: int | No
         if member in contents:
             contents[member] = json.dumps(_without_paths(json.loads(contents[member].read_text())), indent=2).encode()
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for member, content in contents.items():
-                if isinstance(content, Path):
-                    archive.write(content, member)
-                else:
-                    archive.writestr(member, content)
-        tmp.replace(destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with new_file(destination) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for member, content in contents.items():
+            if isinstance(content, Path):
+                archive.write(content, member)
+            else:
+                archive.writestr(member, content)
     return destination
 
 
@@ -429,6 +445,9 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
     use_conv = raw.get("use_conv", ref.use_conv)
     if not isinstance(use_conv, bool):
         raise pack.refuse(f"the memory's use_conv ({_show(use_conv)}) must be true or false: refused.")
+    strip = raw.get("compression_strip", False)  # absent in packs made before stripping was the default
+    if not isinstance(strip, bool):
+        raise pack.refuse(f"the memory's compression_strip ({_show(strip)}) must be true or false: refused.")
     version = raw.get("format_version", ENGRAM_FORMAT_VERSION)
     if not _is_int(version) or not 1 <= version <= ENGRAM_FORMAT_VERSION:
         raise pack.refuse(f"the memory's format ({_show(version)}) is not one this version reads "
@@ -438,7 +457,8 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
         rows_per_head=bounded("rows_per_head", 2, ref.rows_per_head), head_dim=bounded("head_dim", 1, ref.head_dim),
         kernel_size=bounded("kernel_size", 1, ref.kernel_size), use_conv=use_conv,
         init_std=float(bounded("init_std", 0, 1, integer=False)), seed=bounded("seed", 0, MAX_SEED),
-        table_lr_scale=float(bounded("table_lr_scale", 1e-6, MAX_LR_SCALE, integer=False)), storage=storage)
+        table_lr_scale=float(bounded("table_lr_scale", 1e-6, MAX_LR_SCALE, integer=False)), storage=storage,
+        compression_strip=strip)
     rows = len(layers or [1]) * len(config.orders) * config.heads * config.rows_per_head
     if rows > preset.rows(1):
         raise pack.refuse(f"the memory's table ({rows:,} rows) is larger than the {preset.name} size's "

@@ -20,7 +20,7 @@ asked to). The grace period counts training time only: if the job is still train
 ``grace_seconds`` after the cancel, the worker records it as cancelled and exits at once (hard
 stop; the pack keeps its previous version). Its evaluation and save are never cut short.
 
-Each job a worker picks up counts an attempt (jobs.py); a job that took down ``MAX_ATTEMPTS``
+Each job a worker picks up counts an attempt (queue.py); a job that took down ``MAX_ATTEMPTS``
 workers is marked failed instead of being resumed again, and the queue moves on. When a worker
 starts it removes the job folders (checkpoints) that a hard stop or a crash left behind.
 """
@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from engram_app.atomic import write_text
 from engram_app.errors import EngramError
 from engram_app.settings import Settings
 from engram_app.store import open_db
-from engram_app.training.job import JobRunner
-from engram_app.training.jobs import ACTIVE, JobQueue
-from engram_app.training.packs import now
+from engram_app.store.db import now
+from engram_app.training.runner import JobRunner
+from engram_app.training.queue import ACTIVE, JobQueue
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "worker.lock"
@@ -193,9 +194,7 @@ class Worker:
 
     def _write_info(self, state: str) -> None:
         info = {"pid": os.getpid(), "state": state, "job": self._job_id, "heartbeat": now()}
-        tmp = self.home / f".{INFO_NAME}.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.home / INFO_NAME)
+        write_text(self.home / INFO_NAME, json.dumps(info))
 
     def _beat(self, queue: JobQueue) -> None:
         while not self._stop.is_set():

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hmac
 import logging
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
+from engram_app.openai_api import openai_router
 from engram_app.service import Service
 from engram_app.settings import DEFAULT_HOST, Settings
-from engram_app.ui.chat_tab import build_chat_tab
-from engram_app.ui.inspect_tab import build_inspect_tab
-from engram_app.ui.library_tab import _source_rows, build_library_tab
+from engram_app.ui.chat_tab import build_chat_tab, refresh_chat_choices
+from engram_app.ui.inspect_tab import InspectTab, build_inspect_tab, inspect_reply, refresh_inspect_choices
+from engram_app.ui.library_tab import build_library_tab, source_rows
 from engram_app.ui.security import CACHE_CLEANUP, HostPolicy, guard_middleware, web_cache
-from engram_app.ui.train_tab import build_train_tab
+from engram_app.ui.train_tab import build_train_tab, refresh_packs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ def status_markdown(service: Service) -> str:
     return line
 
 
+def open_in_inspect(service: Service, inspector: InspectTab, tabs: gr.Tabs, message_id: int | None) -> dict:
+    """Chat's "Inspect last reply": switch to the Inspect tab, with that reply chosen and shown."""
+    if message_id is None:
+        raise gr.Error("The last reply has no memory trace (it was generated without a memory).")
+    chosen = refresh_inspect_choices(service, inspector, None, message_id)[inspector.reply]
+    return {tabs: gr.Tabs(selected="inspect-tab"), inspector.reply: chosen,
+            **inspect_reply(service, inspector, message_id)}
+
+
 def build_app(service: Service) -> gr.Blocks:
     # delete_cache: uploads and exported packs in Gradio's cache are removed once an hour old, and
     # all of them when the server stops.
@@ -57,33 +68,32 @@ def build_app(service: Service) -> gr.Blocks:
             )
         status = gr.Markdown(elem_id="status")
         with gr.Tabs() as tabs:
-            with gr.Tab("Chat", id="chat-tab") as chat_tab:
-                refresh_chat, chat_pack, chat_conversations, inspect_button, last_reply = build_chat_tab(service)
+            with gr.Tab("Chat", id="chat-tab") as chat_page:
+                chat = build_chat_tab(service)
             with gr.Tab("Library", id="library-tab"):
-                sources, query, source_status = build_library_tab(service)
+                library = build_library_tab(service)
             with gr.Tab("Memory & training", id="train-tab"):
-                refresh_packs, pack_choice, packs_table = build_train_tab(service)
-            with gr.Tab("Inspect", id="inspect-tab") as inspect_tab:
-                refresh_inspect, inspect_pack, inspect_reply, inspect_outputs, run_inspect = build_inspect_tab(service)
-        app.load(lambda: status_markdown(service), None, status, api_visibility="private")
-        gr.Timer(5.0).tick(lambda: status_markdown(service), None, status, api_visibility="private",
+                train = build_train_tab(service)
+            with gr.Tab("Inspect", id="inspect-tab") as inspect_page:
+                inspector = build_inspect_tab(service)
+        app.load(partial(status_markdown, service), None, status, api_visibility="private")
+        gr.Timer(5.0).tick(partial(status_markdown, service), None, status, api_visibility="private",
                            show_progress="hidden")
-        app.load(lambda q, st: _source_rows(service, q, st), [query, source_status], sources, api_visibility="private")
-        app.load(refresh_packs, pack_choice, [packs_table, pack_choice], api_visibility="private")
-        app.load(refresh_chat, chat_pack, [chat_pack, chat_conversations], api_visibility="private")
-        app.load(refresh_inspect, [inspect_pack, inspect_reply], [inspect_pack, inspect_reply], api_visibility="private")
-        chat_tab.select(refresh_chat, chat_pack, [chat_pack, chat_conversations], api_visibility="private")
-        inspect_tab.select(refresh_inspect, [inspect_pack, inspect_reply], [inspect_pack, inspect_reply],
-                           api_visibility="private")
-
-        def inspect_last(message_id: int | None):
-            """Chat's "Inspect last reply": open the Inspect tab on that reply."""
-            if message_id is None:
-                raise gr.Error("The last reply has no memory trace (it was generated without a memory).")
-            _, reply_update = refresh_inspect(None, message_id)
-            return (gr.Tabs(selected="inspect-tab"), reply_update, *run_inspect(message_id, None, None))
-
-        inspect_button.click(inspect_last, last_reply, [tabs, inspect_reply, *inspect_outputs], api_visibility="private")
+        # What the page shows comes from the data root when it loads (and when a tab is opened), so a
+        # reload, or a change made from the CLI, shows what is there now.
+        app.load(partial(source_rows, service), [library.query, library.status], library.sources,
+                 api_visibility="private")
+        app.load(partial(refresh_packs, service, train), train.pack, [train.packs_table, train.pack],
+                 api_visibility="private")
+        refresh_chat = partial(refresh_chat_choices, service, chat)
+        app.load(refresh_chat, chat.pack, [chat.pack, chat.conversations], api_visibility="private")
+        chat_page.select(refresh_chat, chat.pack, [chat.pack, chat.conversations], api_visibility="private")
+        refresh_inspect = partial(refresh_inspect_choices, service, inspector)
+        choices = [inspector.pack, inspector.reply]
+        app.load(refresh_inspect, choices, choices, api_visibility="private")
+        inspect_page.select(refresh_inspect, choices, choices, api_visibility="private")
+        chat.inspect.click(partial(open_in_inspect, service, inspector, tabs), chat.last_reply,
+                           [tabs, inspector.reply, *inspector.report_outputs], api_visibility="private")
     return app
 
 
@@ -128,8 +138,10 @@ def launch(settings: Settings, block: bool = True) -> gr.Blocks:
         favicon_path=ASSETS / "logo.svg",
         auth=auth,
         auth_message="Engram Studio asks for the password it was started with." if auth else None,
-        # Refuses requests for foreign host names (DNS rebinding) and limits failed logins.
-        app_kwargs={"middleware": [guard_middleware(settings)]},
+        # Refuses requests for foreign host names (DNS rebinding) and limits failed logins; /v1 is the
+        # OpenAI-compatible API (engram_app/openai_api.py), its wrong API keys counted in the same limit.
+        app_kwargs={"middleware": [guard := guard_middleware(settings)],
+                    "routes": openai_router(service, guard.kwargs.get("limiter")).routes},
         # No static-file worker processes (GRADIO_NUM_WORKERS): every request goes through the guard.
         num_workers=0,
         prevent_thread_lock=not block,

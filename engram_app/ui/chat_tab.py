@@ -8,6 +8,8 @@ ways: memory on, memory off, and retrieval (library passages in the prompt).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 
 import gradio as gr
 
@@ -17,6 +19,34 @@ from engram_app.ui.errors import user_errors
 
 BASE = "base model (no memory)"
 EMPTY_REPLY = "(the model ended its reply without writing anything)"
+
+
+@dataclass
+class ChatTab:
+    """The Chat tab's components, by name: its handlers write them, the app wires a few to other tabs."""
+
+    conversation: gr.State  # the open conversation's id (None: the next message starts one)
+    last_reply: gr.State  # the id of the last reply with a memory trace (for Inspect)
+    pack: gr.Dropdown
+    memory: gr.Checkbox
+    retrieval: gr.Slider
+    conversations: gr.Dropdown
+    chatbot: gr.Chatbot
+    message: gr.Textbox
+    send: gr.Button
+    clear: gr.Button
+    inspect: gr.Button
+    unload: gr.Button
+    retrieved: gr.Dataframe
+    max_tokens: gr.Slider
+    temperature: gr.Slider
+    top_p: gr.Slider
+    compare_message: gr.Textbox
+    compare: gr.Button
+    compare_k: gr.Slider
+    answer_on: gr.Textbox
+    answer_off: gr.Textbox
+    answer_rag: gr.Textbox
 
 
 def pack_choices(service: Service) -> list[str]:
@@ -36,9 +66,108 @@ def history_of(service: Service, conversation: int) -> list[dict]:
             if t["role"] in ("user", "assistant")]
 
 
-def build_chat_tab(service: Service):
-    conversation = gr.State(None)  # the open conversation's id (None: the next message starts one)
-    last_reply = gr.State(None)  # the id of the last reply with a memory trace (for Inspect)
+def chosen_pack(choice: str | None) -> str | None:
+    """The pack named in the dropdown, or None for the base model."""
+    return None if not choice or choice == BASE else choice
+
+
+def refresh_chat_choices(service: Service, tab: ChatTab, current_pack: str | None) -> dict:
+    """The pack and conversation lists as they are now (the chosen pack kept while it exists)."""
+    choices = pack_choices(service)
+    return {tab.pack: gr.update(choices=choices, value=current_pack if current_pack in choices else BASE),
+            tab.conversations: gr.update(choices=conversation_choices(service))}
+
+
+def send_message(service: Service, tab: ChatTab, text: str, history: list[dict], conversation: int | None,
+                 pack: str | None, memory_on: bool, retrieval: float, max_new_tokens: float, temperature: float,
+                 top_p: float) -> Iterator[dict]:
+    """Answer ``text`` in the open conversation, streaming the reply into the chat as it is generated.
+
+    Once done: the conversation kept, the reply's trace offered to Inspect, the retrieved passages
+    shown (retrieval mode) and the conversation list refreshed."""
+    text = (text or "").strip()
+    typing = {tab.message: "", tab.chatbot: history, tab.conversation: conversation}
+    if not text:
+        yield typing
+        return
+    history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+    yield {**typing, tab.chatbot: history}
+    with user_errors():
+        options = GenerationOptions(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                    top_p=float(top_p))
+        stream = service.chat_stream(text, options=options, pack=chosen_pack(pack), memory=bool(memory_on),
+                                     retrieval=int(retrieval), conversation=conversation)
+        reply = ""
+        for token in stream:
+            if token.delta:
+                reply += token.delta
+                history[-1] = {"role": "assistant", "content": reply}
+                yield {**typing, tab.chatbot: history}
+    result = stream.result
+    if not result.reply.strip():
+        history[-1] = {"role": "assistant", "content": EMPTY_REPLY}
+    passages = [[f"{h['score']:.2f}", f"{h['title']} (source {h['source']})", h["text"][:400]]
+                for h in result.retrieved]
+    traced = result.message_id if result.traces else None
+    yield {tab.message: "", tab.chatbot: history, tab.conversation: result.conversation_id, tab.last_reply: traced,
+           tab.inspect: gr.update(interactive=traced is not None),
+           tab.retrieved: gr.update(value=passages, visible=bool(passages)),
+           tab.conversations: gr.update(choices=conversation_choices(service), value=result.conversation_id)}
+
+
+def start_new_chat(tab: ChatTab) -> dict:
+    """The "New chat" button: an empty chat; the next message starts a new conversation."""
+    return {tab.message: "", tab.chatbot: [], tab.conversation: None, tab.last_reply: None,
+            tab.inspect: gr.update(interactive=False), tab.conversations: gr.update(value=None)}
+
+
+def open_conversation(service: Service, tab: ChatTab, conversation: int | None) -> dict:
+    """Reopen a conversation from the list: its turns in the chat, and the next message continues it."""
+    if conversation is None:
+        return gr.skip()
+    with user_errors():
+        return {tab.chatbot: history_of(service, int(conversation)), tab.conversation: int(conversation)}
+
+
+def compare_answers(service: Service, tab: ChatTab, question: str, pack: str | None, retrieval: float,
+                    max_new_tokens: float) -> Iterator[dict]:
+    """Answer ``question`` three ways, one after the other, each streamed into its box: with the pack's
+    memory, without it, and without it but with ``retrieval`` library passages in the prompt."""
+    question = (question or "").strip()
+    if not question:
+        raise gr.Error("Type a question to compare.")
+    if chosen_pack(pack) is None:
+        raise gr.Error("Choose a memory pack first: the comparison is with and without its memory.")
+    options = GenerationOptions(max_new_tokens=int(max_new_tokens))
+    boxes = [tab.answer_on, tab.answer_off, tab.answer_rag]
+    runs = [dict(memory=True, retrieval=0), dict(memory=False, retrieval=0), dict(memory=False, retrieval=int(retrieval))]
+    answers = {box: "" for box in boxes}
+    with user_errors():
+        for box, run in zip(boxes, runs):
+            answers[box] = "..."
+            yield dict(answers)
+            answers[box] = ""
+            for token in service.chat_stream(question, options=options, pack=chosen_pack(pack), save=False, **run):
+                answers[box] += token.delta
+                yield dict(answers)
+            if not answers[box].strip():
+                answers[box] = EMPTY_REPLY
+                yield dict(answers)
+
+
+def unload_pack(service: Service, pack: str | None) -> None:
+    """Free the chosen pack's adapters on the shared base model (its next chat loads them again)."""
+    if chosen_pack(pack) is None:
+        raise gr.Error("Choose a memory pack to unload.")
+    with user_errors():
+        info = service.unload_pack(chosen_pack(pack))
+    gr.Info(f"Unloaded pack {info['pack']}: {info['freed_bytes'] / 2**20:.1f} MB freed." if info["unloaded"]
+            else f"Pack {info['pack']} was not loaded.")
+
+
+def _layout() -> ChatTab:
+    conversation = gr.State(None)
+    last_reply = gr.State(None)
     with gr.Row():
         pack = gr.Dropdown([BASE], value=BASE, label="Memory pack", elem_id="chat-pack", scale=2,
                            info="The model wears this pack's active version.")
@@ -80,88 +209,26 @@ def build_chat_tab(service: Service):
             answer_on = gr.Textbox(label="Memory on", lines=6, interactive=False, elem_id="compare-on")
             answer_off = gr.Textbox(label="Memory off", lines=6, interactive=False, elem_id="compare-off")
             answer_rag = gr.Textbox(label="Retrieval, memory off", lines=6, interactive=False, elem_id="compare-rag")
+    return ChatTab(conversation, last_reply, pack, memory, retrieval, conversations, chatbot, message, send, clear,
+                   inspect, unload, retrieved, max_tokens, temperature, top_p, compare_message, compare, compare_k,
+                   answer_on, answer_off, answer_rag)
 
-    def chosen(p: str | None) -> str | None:
-        return None if not p or p == BASE else p
 
-    def respond(text, history, conv, p, mem, k, max_new, temp, top) -> Iterator[tuple]:
-        text = (text or "").strip()
-        if not text:
-            yield "", history, conv, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return
-        history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        yield "", history, conv, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        with user_errors():
-            options = GenerationOptions(max_new_tokens=int(max_new), temperature=float(temp), top_p=float(top))
-            stream = service.chat_stream(text, options=options, pack=chosen(p), memory=bool(mem),
-                                         retrieval=int(k), conversation=conv)
-            reply = ""
-            for token in stream:
-                if token.delta:
-                    reply += token.delta
-                    history[-1] = {"role": "assistant", "content": reply}
-                    yield "", history, conv, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        result = stream.result
-        if not result.reply.strip():
-            history[-1] = {"role": "assistant", "content": EMPTY_REPLY}
-        passages = [[f"{h['score']:.2f}", f"{h['title']} (source {h['source']})", h["text"][:400]]
-                    for h in result.retrieved]
-        traced = result.message_id if result.traces else None
-        yield ("", history, result.conversation_id, traced, gr.update(interactive=traced is not None),
-               gr.update(value=passages, visible=bool(passages)),
-               gr.update(choices=conversation_choices(service), value=result.conversation_id))
-
-    def open_conversation(conv: int | None):
-        if conv is None:
-            return gr.skip(), gr.skip()
-        with user_errors():
-            return history_of(service, int(conv)), int(conv)
-
-    def run_compare(text: str, p: str | None, k: float, max_new: float) -> Iterator[tuple[str, str, str]]:
-        text = (text or "").strip()
-        if not text:
-            raise gr.Error("Type a question to compare.")
-        if chosen(p) is None:
-            raise gr.Error("Choose a memory pack first: the comparison is with and without its memory.")
-        options = GenerationOptions(max_new_tokens=int(max_new))
-        answers = ["", "", ""]
-        runs = [dict(memory=True, retrieval=0), dict(memory=False, retrieval=0), dict(memory=False, retrieval=int(k))]
-        with user_errors():
-            for i, run in enumerate(runs):
-                answers[i] = "..."
-                yield tuple(answers)
-                answers[i] = ""
-                for token in service.chat_stream(text, options=options, pack=chosen(p), save=False, **run):
-                    answers[i] += token.delta
-                    yield tuple(answers)
-                if not answers[i].strip():
-                    answers[i] = EMPTY_REPLY
-                    yield tuple(answers)
-
-    def unload_pack(p: str | None) -> None:
-        """Free the chosen pack's adapters on the shared base model (its next chat loads them again)."""
-        if chosen(p) is None:
-            raise gr.Error("Choose a memory pack to unload.")
-        with user_errors():
-            info = service.unload_pack(chosen(p))
-        gr.Info(f"Unloaded pack {info['pack']}: {info['freed_bytes'] / 2**20:.1f} MB freed." if info["unloaded"]
-                else f"Pack {info['pack']} was not loaded.")
-
-    unload.click(unload_pack, [pack], None, api_name="unload_pack")
-
-    inputs = [message, chatbot, conversation, pack, memory, retrieval, max_tokens, temperature, top_p]
-    outputs = [message, chatbot, conversation, last_reply, inspect, retrieved, conversations]
-    message.submit(respond, inputs, outputs, api_name="chat")
-    send.click(respond, inputs, outputs, api_visibility="private")
-    clear.click(lambda: ("", [], None, None, gr.update(interactive=False), gr.update(value=None)), None,
-                [message, chatbot, conversation, last_reply, inspect, conversations], api_visibility="private")
-    conversations.input(open_conversation, conversations, [chatbot, conversation], api_visibility="private")
-    compare.click(run_compare, [compare_message, pack, compare_k, max_tokens], [answer_on, answer_off, answer_rag],
-                  api_name="compare")
-
-    def refresh(p: str | None):
-        choices = pack_choices(service)
-        return (gr.update(choices=choices, value=p if p in choices else BASE),
-                gr.update(choices=conversation_choices(service)))
-
-    return refresh, pack, conversations, inspect, last_reply
+def build_chat_tab(service: Service) -> ChatTab:
+    """Lay out the Chat tab and connect its events (called inside the tab's ``gr.Tab``)."""
+    tab = _layout()
+    tab.unload.click(partial(unload_pack, service), [tab.pack], None, api_name="unload_pack")
+    inputs = [tab.message, tab.chatbot, tab.conversation, tab.pack, tab.memory, tab.retrieval, tab.max_tokens,
+              tab.temperature, tab.top_p]
+    outputs = [tab.message, tab.chatbot, tab.conversation, tab.last_reply, tab.inspect, tab.retrieved,
+               tab.conversations]
+    tab.message.submit(partial(send_message, service, tab), inputs, outputs, api_name="chat")
+    tab.send.click(partial(send_message, service, tab), inputs, outputs, api_visibility="private")
+    tab.clear.click(partial(start_new_chat, tab), None,
+                    [tab.message, tab.chatbot, tab.conversation, tab.last_reply, tab.inspect, tab.conversations],
+                    api_visibility="private")
+    tab.conversations.input(partial(open_conversation, service, tab), tab.conversations,
+                            [tab.chatbot, tab.conversation], api_visibility="private")
+    tab.compare.click(partial(compare_answers, service, tab), [tab.compare_message, tab.pack, tab.compare_k, tab.max_tokens],
+                      [tab.answer_on, tab.answer_off, tab.answer_rag], api_name="compare")
+    return tab

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -16,10 +18,11 @@ import pandas as pd
 
 from engram_app.errors import EngramError
 from engram_app.service import Service
+from engram_app.training import PRESETS, TrainOptions
+from engram_app.training.packs import MODES
+from engram_app.training.sizes import DEFAULT_PRESET, describe, summary
 from engram_app.ui.errors import user_errors
 from engram_app.ui.security import discard_uploads
-from engram_app.training import PRESETS, TrainOptions
-from engram_app.training.sizes import describe, summary
 
 PACK_COLUMNS = ["pack", "mode", "size", "active version", "versions", "base model", "learns from", "warning"]
 VERSION_COLUMNS = ["version", "active", "steps", "memorisation loss", "forgetting cost", "recall", "created"]
@@ -27,7 +30,45 @@ PRESET_HELP = " | ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
 BUDGETS = {"quick (2 min)": 2.0, "thorough (10 min)": 10.0}
 
 
-def _size_needs(service: Service, size: str) -> str:
+@dataclass
+class TrainTab:
+    """The Memory & training tab's components, by name: its handlers write them, the app refreshes the packs."""
+
+    packs_table: gr.Dataframe
+    name: gr.Textbox
+    size: gr.Dropdown
+    mode: gr.Dropdown
+    create: gr.Button
+    size_needs: gr.Markdown
+    export: gr.Button
+    exported: gr.File
+    upload: gr.File
+    import_name: gr.Textbox
+    import_button: gr.Button
+    pack: gr.Dropdown
+    budget: gr.Dropdown
+    full: gr.Checkbox
+    start: gr.Button
+    cancel: gr.Button
+    max_steps: gr.Number
+    lr: gr.Number
+    evaluate: gr.Checkbox
+    until_recalled: gr.Checkbox
+    runs: gr.Dropdown
+    job_id: gr.State  # the job followed (None: the pack's latest)
+    plotted: gr.State  # (job, step, status) the loss chart last drew, so it is redrawn only when that changes
+    progress: gr.Markdown
+    bar: gr.HTML
+    loss_plot: gr.LinePlot
+    log: gr.Textbox
+    versions: gr.Dataframe
+    version: gr.Number
+    rollback: gr.Button
+
+
+# --- what the tab shows --------------------------------------------------------------------------
+
+def size_needs(service: Service, size: str) -> str:
     """What the chosen size preset needs from this machine, and whether it has it (before creating)."""
     row = next((r for r in describe(service.settings.home) if r["name"] == size), None)
     return summary(row) if row else ""
@@ -46,7 +87,7 @@ def export_folder(cache: str | Path) -> Path:
     return Path(tempfile.mkdtemp(dir=exports))
 
 
-def _pack_rows(service: Service) -> list[list]:
+def pack_rows(service: Service) -> list[list]:
     rows = []
     for p in service.packs():
         warning = (f"learned {len(p['deleted_sources_learned'])} deleted source(s): retrain from scratch"
@@ -56,7 +97,7 @@ def _pack_rows(service: Service) -> list[list]:
     return rows
 
 
-def _recall_verdict(recall: dict) -> str:
+def recall_verdict(recall: dict) -> str:
     """'recalls 2 of 3 facts; train longer (without memory: 0)': plain words, not ratios."""
     count = recall["probes"]
     on, off = (round(recall[side]["recall"] * count) for side in ("memory_on", "memory_off"))
@@ -64,7 +105,8 @@ def _recall_verdict(recall: dict) -> str:
     return f"recalls {on} of {count} facts{advice} (without memory: {off})"
 
 
-def _version_rows(service: Service, pack: str | None) -> list[list]:
+def version_rows(service: Service, pack: str | None) -> list[list]:
+    """The versions table of ``pack``, newest first, each with its evaluation in words."""
     if not pack:
         return []
     info = service.pack(pack)
@@ -72,14 +114,15 @@ def _version_rows(service: Service, pack: str | None) -> list[list]:
     for v in reversed(info["versions"]):
         ev = v["evaluation"] or {}
         mem, ret, rec = ev.get("memorisation") or {}, ev.get("retention") or {}, ev.get("recall") or {}
-        recall = _recall_verdict(rec) if rec else ""
+        recall = recall_verdict(rec) if rec else ""
         rows.append([v["number"], "yes" if v["number"] == info["active_version"] else "", ev.get("steps", ""),
                      f"{mem['before']} -> {mem['after']}" if mem else "",
                      f"{ret['cost']:+.1%}" if ret.get("cost") is not None else "", recall, v["created"][:19]])
     return rows
 
 
-def _job_text(job: dict | None) -> str:
+def job_text(job: dict | None) -> str:
+    """The progress line of a job: status, step, time, speed, error, the version it wrote."""
     if job is None:
         return "No training job yet."
     latest = job.get("latest", {})
@@ -100,7 +143,7 @@ def _job_text(job: dict | None) -> str:
     return ", ".join(parts)
 
 
-def _bar_html(job: dict | None) -> str:
+def bar_html(job: dict | None) -> str:
     """The progress bar: numbers only (nothing from a user's files reaches this HTML)."""
     if job is None or not job["total_steps"]:
         return ""
@@ -109,7 +152,8 @@ def _bar_html(job: dict | None) -> str:
             f'aria-valuemax="{int(job["total_steps"])}"><div style="width: {share * 100:.1f}%"></div></div>')
 
 
-def _loss_frame(service: Service, job: dict | None) -> pd.DataFrame:
+def loss_frame(service: Service, job: dict | None) -> pd.DataFrame:
+    """The loss curve of a job, raw and smoothed, as the chart reads it."""
     if job is None:  # typed even when empty: an untyped empty column makes the chart's colour scale numeric
         return pd.DataFrame({"step": pd.Series([], dtype="int64"), "loss": pd.Series([], dtype="float64"),
                              "curve": pd.Series([], dtype=object)})
@@ -124,16 +168,127 @@ def _loss_frame(service: Service, job: dict | None) -> pd.DataFrame:
                          "curve": pd.Series(["raw"] * len(raw) + ["smoothed"] * len(raw), dtype=object)})
 
 
-def build_train_tab(service: Service):
+def latest_job(service: Service, job_id: int | None, pack: str | None) -> dict | None:
+    """The job followed: the one chosen, else the newest of ``pack`` (of any pack without one)."""
+    if job_id is not None:
+        return service.job(job_id)
+    jobs = [j for j in service.jobs(limit=20) if not pack or j["pack"] == pack]
+    return service.job(jobs[0]["id"]) if jobs else None
+
+
+def run_choices(service: Service, pack: str | None, current: int | None = None):
+    """The list of a pack's runs (jobs), newest first, keeping ``current`` chosen while it is there."""
+    jobs = [j for j in service.jobs(limit=200) if j["pack"] == pack] if pack else []
+    choices = [(f"job {j['id']}: {j['status']}, step {j['step']}/{j['total_steps'] or '?'}, {j['created'][:16]}",
+                j["id"]) for j in jobs]
+    return gr.update(choices=choices, value=current if current in [c for _, c in choices] else None)
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+def refresh_packs(service: Service, tab: TrainTab, current_pack: str | None) -> dict:
+    """The packs table and the pack list as they are now (the chosen pack kept while it exists)."""
+    names = [p["name"] for p in service.packs()]
+    value = current_pack if current_pack in names else (names[0] if names else None)
+    return {tab.packs_table: pack_rows(service), tab.pack: gr.update(choices=names, value=value)}
+
+
+def create_pack(service: Service, tab: TrainTab, name: str, size: str, mode: str) -> dict:
+    with user_errors():
+        service.create_pack((name or "").strip(), size=size, mode=mode)
+    return refresh_packs(service, tab, name.strip())
+
+
+def start_training(service: Service, tab: TrainTab, pack: str | None, budget: str, full: bool, max_steps: float,
+                   lr: float, evaluate: bool, until_recalled: bool = True) -> dict:
+    """Queue a job for the worker (started if needed) and follow it."""
+    if not pack:
+        raise gr.Error("Create or choose a pack first.")
+    with user_errors():
+        options = TrainOptions(max_minutes=BUDGETS[budget], max_steps=int(max_steps) or None, lr=float(lr), full=full,
+                               evaluate=evaluate, until_recalled=until_recalled)
+        job = service.train(pack, options)
+    return {tab.job_id: job["id"], tab.runs: run_choices(service, pack, job["id"])}
+
+
+def poll_job(service: Service, tab: TrainTab, job_id: int | None, pack: str | None, plotted: tuple | None) -> dict:
+    """Every second: the followed job's progress, bar, log and loss chart, and the tables it changes."""
+    job = latest_job(service, job_id, pack)
+    log = "\n".join(line["message"] for line in job["log"]) if job else ""
+    key = (job["id"], job["step"], job["status"]) if job else None
+    views = {tab.progress: job_text(job), tab.bar: bar_html(job), tab.log: log,
+             tab.versions: version_rows(service, pack), tab.packs_table: pack_rows(service), tab.plotted: key}
+    # Redraw the plot only when there is something new: a chart redrawn every second flickers.
+    # Never send an empty frame: Gradio 6.31's LinePlot draws no lines for any later update after
+    # an empty one (reproduced in isolation), so the chart keeps its last curve until points come.
+    frame = None if key == plotted else loss_frame(service, job)
+    if frame is not None and not frame.empty:
+        views[tab.loss_plot] = frame
+    return views
+
+
+def follow_run(tab: TrainTab, job_id: int | None) -> dict:
+    """A run chosen in the list: follow it, and draw its curve afresh."""
+    return {tab.job_id: job_id, tab.plotted: None}
+
+
+def pack_chosen(service: Service, tab: TrainTab, pack: str | None) -> dict:
+    """Another pack chosen: its versions and runs, following its latest job."""
+    return {tab.job_id: None, tab.versions: version_rows(service, pack), tab.runs: run_choices(service, pack)}
+
+
+def export_pack(service: Service, tab: TrainTab, pack: str | None) -> str:
+    """Write the pack's active version as one .zip in Gradio's cache, for the download box."""
+    if not pack:
+        raise gr.Error("Choose a pack to export.")
+    with user_errors():
+        info = service.pack(pack)
+        if not info["active_version"]:
+            raise EngramError(f"Pack {pack!r} has no trained version yet: train it before exporting it.")
+        folder = export_folder(tab.exported.GRADIO_CACHE)
+        return str(service.export_pack(pack, folder / f"{pack}-v{info['active_version']}.zip"))
+
+
+def import_pack(service: Service, tab: TrainTab, file: str | None, name: str | None) -> dict:
+    """Import a dropped pack file as a new pack, then drop the upload."""
+    if not file:
+        raise gr.Error("Drop a pack file (.zip) first.")
+    with user_errors():
+        info = service.import_pack(file, (name or "").strip() or None)
+    discard_uploads([file], tab.upload.GRADIO_CACHE)
+    gr.Info(f"Imported pack {info['name']} at version {info['active_version']}.")
+    return {**refresh_packs(service, tab, info["name"]), tab.upload: None}
+
+
+def cancel_job(service: Service, job_id: int | None, pack: str | None) -> None:
+    job = latest_job(service, job_id, pack)
+    if job is None or job["status"] not in ("queued", "running", "interrupted"):
+        raise gr.Error("No job is running.")
+    service.cancel(job["id"])
+    gr.Info(f"Job {job['id']} stops at its next step and keeps what it learned.")
+
+
+def make_active(service: Service, tab: TrainTab, pack: str | None, number: float | None) -> dict:
+    """Roll the pack back (or forward) to version ``number``."""
+    if not pack or not number:
+        raise gr.Error("Choose a pack and a version number.")
+    with user_errors():
+        service.rollback(pack, int(number))
+    return {tab.versions: version_rows(service, pack), tab.packs_table: pack_rows(service)}
+
+
+# --- layout and events ---------------------------------------------------------------------------
+
+def _layout(service: Service) -> TrainTab:
     packs_table = gr.Dataframe(headers=PACK_COLUMNS, value=[], label="Memory packs", interactive=False,
                                elem_id="packs-table")
     with gr.Accordion("Create a pack", open=False, elem_id="pack-create-box"):
         with gr.Row():
             name = gr.Textbox(label="Name", placeholder="me", elem_id="pack-name")
-            size = gr.Dropdown(list(PRESETS), value="medium", label="Size", info=PRESET_HELP, elem_id="pack-size")
-            mode = gr.Dropdown(["engram", "lora", "engram+lora"], value="engram", label="What trains")
+            size = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Size", info=PRESET_HELP, elem_id="pack-size")
+            mode = gr.Dropdown(list(MODES), value="engram", label="What trains")
             create = gr.Button("Create", elem_id="pack-create")
-        size_needs = gr.Markdown(_size_needs(service, "medium"), elem_id="pack-size-needs")
+        needs = gr.Markdown(size_needs(service, DEFAULT_PRESET), elem_id="pack-size-needs")
     with gr.Accordion("Export or import a pack", open=False, elem_id="pack-transfer-box"):
         with gr.Row():
             with gr.Column():
@@ -142,7 +297,7 @@ def build_train_tab(service: Service):
             with gr.Column():
                 upload = gr.File(label="A pack file (.zip) to import", file_types=[".zip"], elem_id="pack-upload")
                 import_name = gr.Textbox(label="Name for the imported pack (default: its own)", elem_id="pack-import-name")
-                do_import_button = gr.Button("Import", elem_id="pack-import")
+                import_button = gr.Button("Import", elem_id="pack-import")
     with gr.Row():
         pack = gr.Dropdown([], label="Pack", elem_id="train-pack", scale=2, allow_custom_value=False)
         budget = gr.Dropdown(list(BUDGETS), value="quick (2 min)", label="Preset", scale=1, elem_id="train-budget")
@@ -170,93 +325,30 @@ def build_train_tab(service: Service):
     with gr.Row():
         version = gr.Number(label="Version", precision=0, minimum=1, scale=1)
         rollback = gr.Button("Make this version active", scale=1, elem_id="train-rollback")
+    return TrainTab(packs_table, name, size, mode, create, needs, export, exported, upload, import_name, import_button,
+                    pack, budget, full, start, cancel, max_steps, lr, evaluate, until_recalled, runs, job_id, plotted,
+                    progress, bar, loss_plot, log, versions, version, rollback)
 
-    def refresh_packs(current: str | None):
-        names = [p["name"] for p in service.packs()]
-        value = current if current in names else (names[0] if names else None)
-        return _pack_rows(service), gr.update(choices=names, value=value)
 
-    def do_create(n: str, s: str, m: str):
-        with user_errors():
-            service.create_pack((n or "").strip(), size=s, mode=m)
-        return refresh_packs(n.strip())
-
-    def do_start(p: str | None, b: str, f: bool, steps: float, rate: float, ev: bool, until: bool = True):
-        if not p:
-            raise gr.Error("Create or choose a pack first.")
-        with user_errors():
-            options = TrainOptions(max_minutes=BUDGETS[b], max_steps=int(steps) or None, lr=float(rate), full=f,
-                                   evaluate=ev, until_recalled=until)
-            job = service.train(p, options)
-        return job["id"], run_choices(p, job["id"])
-
-    def latest_job(current: int | None, p: str | None) -> dict | None:
-        if current is not None:
-            return service.job(current)
-        jobs = [j for j in service.jobs(limit=20) if not p or j["pack"] == p]
-        return service.job(jobs[0]["id"]) if jobs else None
-
-    def poll(current: int | None, p: str | None, plotted: tuple | None):
-        job = latest_job(current, p)
-        text = "\n".join(line["message"] for line in job["log"]) if job else ""
-        key = (job["id"], job["step"], job["status"]) if job else None
-        # Redraw the plot only when there is something new: a chart redrawn every second flickers.
-        # Never send an empty frame: Gradio 6.31's LinePlot draws no lines for any later update after
-        # an empty one (reproduced in isolation), so the chart keeps its last curve until points come.
-        frame = None if key == plotted else _loss_frame(service, job)
-        plot = gr.skip() if frame is None or frame.empty else frame
-        return _job_text(job), _bar_html(job), plot, text, _version_rows(service, p), _pack_rows(service), key
-
-    def run_choices(p: str | None, current: int | None = None):
-        jobs = [j for j in service.jobs(limit=200) if j["pack"] == p] if p else []
-        choices = [(f"job {j['id']}: {j['status']}, step {j['step']}/{j['total_steps'] or '?'}, {j['created'][:16]}",
-                    j["id"]) for j in jobs]
-        return gr.update(choices=choices, value=current if current in [c for _, c in choices] else None)
-
-    def do_export(p: str | None):
-        if not p:
-            raise gr.Error("Choose a pack to export.")
-        with user_errors():
-            info = service.pack(p)
-            if not info["active_version"]:
-                raise EngramError(f"Pack {p!r} has no trained version yet: train it before exporting it.")
-            folder = export_folder(exported.GRADIO_CACHE)
-            return str(service.export_pack(p, folder / f"{p}-v{info['active_version']}.zip"))
-
-    def do_import(file: str | None, n: str | None):
-        if not file:
-            raise gr.Error("Drop a pack file (.zip) first.")
-        with user_errors():
-            info = service.import_pack(file, (n or "").strip() or None)
-        discard_uploads([file], upload.GRADIO_CACHE)
-        gr.Info(f"Imported pack {info['name']} at version {info['active_version']}.")
-        return (*refresh_packs(info["name"]), None)
-
-    def do_cancel(current: int | None, p: str | None):
-        job = latest_job(current, p)
-        if job is None or job["status"] not in ("queued", "running", "interrupted"):
-            raise gr.Error("No job is running.")
-        service.cancel(job["id"])
-        gr.Info(f"Job {job['id']} stops at its next step and keeps what it learned.")
-
-    def do_rollback(p: str | None, number: float | None):
-        if not p or not number:
-            raise gr.Error("Choose a pack and a version number.")
-        with user_errors():
-            service.rollback(p, int(number))
-        return _version_rows(service, p), _pack_rows(service)
-
-    create.click(do_create, [name, size, mode], [packs_table, pack], api_name="create_pack")
-    size.change(lambda s: _size_needs(service, s), size, size_needs, api_visibility="private")
-    start.click(do_start, [pack, budget, full, max_steps, lr, evaluate, until_recalled], [job_id, runs], api_name="train")
-    export.click(do_export, pack, exported, api_name="export_pack")
-    do_import_button.click(do_import, [upload, import_name], [packs_table, pack, upload], api_name="import_pack")
-    runs.input(lambda j: (j, None), runs, [job_id, plotted], api_visibility="private")
-    cancel.click(do_cancel, [job_id, pack], None, api_name="cancel_job")
-    rollback.click(do_rollback, [pack, version], [versions, packs_table], api_name="rollback")
-    pack.change(lambda p: (None, _version_rows(service, p), run_choices(p)), pack, [job_id, versions, runs],
-                api_visibility="private")
-    timer = gr.Timer(1.0)
-    timer.tick(poll, [job_id, pack, plotted], [progress, bar, loss_plot, log, versions, packs_table, plotted],
-               api_visibility="private", show_progress="hidden")
-    return refresh_packs, pack, packs_table
+def build_train_tab(service: Service) -> TrainTab:
+    """Lay out the Memory & training tab and connect its events (called inside the tab's ``gr.Tab``)."""
+    tab = _layout(service)
+    tab.create.click(partial(create_pack, service, tab), [tab.name, tab.size, tab.mode], [tab.packs_table, tab.pack],
+                     api_name="create_pack")
+    tab.size.change(partial(size_needs, service), tab.size, tab.size_needs, api_visibility="private")
+    tab.start.click(partial(start_training, service, tab),
+                    [tab.pack, tab.budget, tab.full, tab.max_steps, tab.lr, tab.evaluate, tab.until_recalled],
+                    [tab.job_id, tab.runs], api_name="train")
+    tab.export.click(partial(export_pack, service, tab), tab.pack, tab.exported, api_name="export_pack")
+    tab.import_button.click(partial(import_pack, service, tab), [tab.upload, tab.import_name],
+                            [tab.packs_table, tab.pack, tab.upload], api_name="import_pack")
+    tab.runs.input(partial(follow_run, tab), tab.runs, [tab.job_id, tab.plotted], api_visibility="private")
+    tab.cancel.click(partial(cancel_job, service), [tab.job_id, tab.pack], None, api_name="cancel_job")
+    tab.rollback.click(partial(make_active, service, tab), [tab.pack, tab.version], [tab.versions, tab.packs_table],
+                       api_name="rollback")
+    tab.pack.change(partial(pack_chosen, service, tab), tab.pack, [tab.job_id, tab.versions, tab.runs],
+                    api_visibility="private")
+    gr.Timer(1.0).tick(partial(poll_job, service, tab), [tab.job_id, tab.pack, tab.plotted],
+                       [tab.progress, tab.bar, tab.loss_plot, tab.log, tab.versions, tab.packs_table, tab.plotted],
+                       api_visibility="private", show_progress="hidden")
+    return tab
