@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -346,12 +346,11 @@ def openai_router(service: Service, limiter=None) -> APIRouter:
     auth = BearerAuth(service.settings.password, limiter)
     started = int(time.time())
 
-    @router.get("/models")
-    async def list_models(request: Request) -> JSONResponse:
+    async def answer(request: Request, work) -> Response:
+        """``work()``'s response once the API key is checked; any failure as an OpenAI error."""
         try:
             auth.check(request)
-            models = await run_in_threadpool(model_objects, service, started)
-            return JSONResponse({"object": "list", "data": models})
+            return await work()
         except APIError as error:
             return error.response()
         except EngramError as error:
@@ -359,26 +358,28 @@ def openai_router(service: Service, limiter=None) -> APIRouter:
         except Exception:
             return server_error().response()
 
+    @router.get("/models")
+    async def list_models(request: Request) -> Response:
+        async def work():
+            models = await run_in_threadpool(model_objects, service, started)
+            return JSONResponse({"object": "list", "data": models})
+
+        return await answer(request, work)
+
     @router.get("/models/{model}")
-    async def get_model(model: str, request: Request) -> JSONResponse:
-        try:
-            auth.check(request)
+    async def get_model(model: str, request: Request) -> Response:
+        async def work():
             models = await run_in_threadpool(model_objects, service, started)
             found = next((m for m in models if m["id"] == model), None)
             if found is None:
                 resolve_pack(service, model)  # raises the 404 naming the models there are
             return JSONResponse(found)
-        except APIError as error:
-            return error.response()
-        except EngramError as error:
-            return user_error(error).response()
-        except Exception:
-            return server_error().response()
+
+        return await answer(request, work)
 
     @router.post("/chat/completions")
-    async def chat_completions(request: Request):
-        try:
-            auth.check(request)
+    async def chat_completions(request: Request) -> Response:
+        async def work():
             try:
                 body = await request.json()
             except ValueError:
@@ -400,11 +401,7 @@ def openai_router(service: Service, limiter=None) -> APIRouter:
                 raise
             return StreamingResponse(stream.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        except APIError as error:
-            return error.response()
-        except EngramError as error:
-            return user_error(error).response()
-        except Exception:
-            return server_error().response()
+
+        return await answer(request, work)
 
     return router
