@@ -106,29 +106,45 @@ def cli() -> None:
 @click.option("--retrieval", type=int, default=0, show_default=True,
               help="Put the K library passages closest to the message into the prompt.")
 @click.option("--conversation", type=int, default=None, help="Continue this conversation (its earlier turns).")
+@click.option("-c", "--continue", "continue_last", is_flag=True, help="Continue the last conversation.")
+@click.option("--remember", is_flag=True,
+              help="After the reply, save the whole conversation so far to memory (a chat source of the library).")
+@click.option("--collection", default="default", show_default=True, help="With --remember: the collection it joins.")
 def chat(settings: Settings, message: str, as_json: bool, max_tokens: int, temperature: float, top_p: float,
-         seed: int | None, pack: str | None, no_memory: bool, retrieval: int, conversation: int | None) -> None:
-    """Answer MESSAGE with the model (streamed to the terminal unless --json)."""
+         seed: int | None, pack: str | None, no_memory: bool, retrieval: int, conversation: int | None,
+         continue_last: bool, remember: bool, collection: str) -> None:
+    """Answer MESSAGE with the model (streamed to the terminal unless --json); every turn is kept
+    (`conversations` lists them)."""
     from engram_app.inference import GenerationOptions
     from engram_app.service import Service
 
+    if continue_last and conversation is not None:
+        raise click.UsageError("Give --conversation ID or -c (the last conversation), not both.")
     service = Service(settings)
+    if continue_last:
+        last = service.conversations(limit=1)
+        if not last:
+            raise click.ClickException("There is no conversation to continue yet: chat without -c first.")
+        conversation = last[0]["id"]
     options = GenerationOptions(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
         result = service.chat(message, options=options, pack=pack, memory=not no_memory, retrieval=retrieval,
                               conversation=conversation)
         click.echo(json.dumps(result.to_json(), ensure_ascii=False))
-        return
-    if retrieval or conversation is not None:
-        result = service.chat(message, options=options, pack=pack, memory=not no_memory, retrieval=retrieval,
-                              conversation=conversation)
-        click.echo(result.reply)
-        click.echo(f"(conversation {result.conversation_id})", err=True)
-        return
-    for token in service.stream_chat([], message, options, pack=pack, memory=not no_memory):
-        click.echo(token.delta, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    else:
+        stream = service.chat_stream(message, options=options, pack=pack, memory=not no_memory,
+                                     retrieval=retrieval, conversation=conversation, save=True)
+        for token in stream:
+            click.echo(token.delta, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        result = stream.result
+        if retrieval or conversation is not None:
+            click.echo(f"(conversation {result.conversation_id})", err=True)
+    if remember:
+        saved = service.remember_conversation(result.conversation_id, collection)
+        what = "saved to memory as" if saved.status == "added" else "already in memory as"
+        click.echo(f"(conversation {result.conversation_id} {what} source {saved.source})", err=True)
 
 
 @cli.command()
@@ -304,6 +320,60 @@ def delete(settings: Settings, source: int) -> None:
 
     data = Service(settings).delete_source(source)
     click.echo(f"Deleted source {data['id']} ({data['title']}).")
+
+
+@cli.command()
+@settings_options
+@click.argument("text")
+@click.option("--collection", default="default", show_default=True, help="Collection the source joins.")
+@click.option("--train", "then_train", is_flag=True,
+              help="Then queue a training job for every pack that learns from the collection.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"result": {the ingest result}, "jobs": [{the job}, ...]}.')
+def remember(settings: Settings, text: str, collection: str, then_train: bool, as_json: bool) -> None:
+    """Add TEXT, a fact or a note, to the library as a source of its own.
+
+    First-person statements ("My dog is called Pixel. I live in Porto." on lines of their own)
+    become facts, as in a profile; any other text a short document.
+    """
+    from engram_app.service import Service
+
+    service = Service(settings)
+    result = service.remember(text, collection)
+    jobs = service.train_collection(collection) if then_train and result.status == "added" else []
+    if as_json:
+        click.echo(json.dumps({"result": result.to_json(), "jobs": jobs}, ensure_ascii=False))
+        return
+    if result.status == "added":
+        click.echo(f"Remembered as source {result.source} ({result.kind}, {result.records} records) "
+                   f"in collection {collection}.")
+    else:
+        click.echo(f"Already remembered: source {result.source}.")
+    for job in jobs:
+        click.echo(f"Queued job {job['id']} for pack {job['pack']}: follow it with `job {job['id']}`.")
+    if then_train and result.status == "added" and not jobs:
+        click.echo(f"No pack learns from collection {collection}: create one with `pack create NAME`.")
+    if then_train and result.status != "added":
+        click.echo("Nothing new to train.")
+
+
+@cli.command()
+@settings_options
+@click.option("--limit", type=int, default=50, show_default=True, help="How many, newest first.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print [{"id", "title", "created", "pack", "messages"}, ...], newest first.')
+def conversations(settings: Settings, limit: int, as_json: bool) -> None:
+    """List the conversations kept from chat (newest first); `chat -c` continues the last one."""
+    from engram_app.service import Service
+
+    rows = Service(settings).conversations(limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    for c in rows:
+        pack = f" [{c['pack']}]" if c["pack"] else ""
+        click.echo(f"{c['id']:>5}  {c['created']}  {c['messages']:>3} messages{pack}  {c['title']}")
+    click.echo(f"{len(rows)} conversations")
 
 
 # --- memory packs and training ---------------------------------------------------------------

@@ -159,6 +159,15 @@ class Service:
                progress=None) -> list[ImportResult]:
         return self.library().ingest(paths, kind=kind, collection=collection, progress=progress)
 
+    def remember(self, text: str, collection: str = "default") -> ImportResult:
+        """A typed fact or note as a source of its own (first-person statements become facts)."""
+        return self.library().remember(text, collection)
+
+    def remember_conversation(self, conversation_id: int, collection: str = "default") -> ImportResult:
+        """A stored conversation with the model (its user and assistant turns) as a chat source."""
+        return self.library().remember_chat(self.conversation(conversation_id), f"conversation {conversation_id}",
+                                            collection)
+
     def sources(self, collection: str | None = None, status: str | None = "ready", query: str | None = None) -> list[dict]:
         return self.library().sources(collection=collection, status=status, query=query)
 
@@ -276,6 +285,13 @@ class Service:
         if start_worker:
             self.ensure_worker()
         return self.job(job_id)
+
+    def train_collection(self, collection: str, options: TrainOptions | None = None,
+                         start_worker: bool = True) -> list[dict]:
+        """Queue a job for every pack that learns from ``collection`` (its collections name it, or it has
+        none: it learns the whole library), as `remember --train` and "then train" do; [] when none does."""
+        learners = [p["name"] for p in self.packs() if not p["collections"] or collection in p["collections"]]
+        return [self.train(name, options, start_worker) for name in learners]
 
     def ensure_worker(self, idle_exit: float | None = 300.0) -> int | None:
         from engram_app.training.worker import start_worker

@@ -75,6 +75,18 @@ def _stored_name(filename: str | Path) -> str:
     return name if len(name) <= 200 else "..." + name[-197:]
 
 
+def _first_person_statements(text: str) -> bool:
+    """Typed text that is profile statements: every line a short first-person sentence ("I live in Porto.").
+
+    Stricter than the profile detection for files (``profiles.looks_like_statements``: two lines,
+    most of them first person), since one typed line is common and a note must stay a note.
+    """
+    from engram_app.ingest import profiles
+
+    lines = profiles.statement_lines(text)
+    return bool(lines) and all(len(line) <= 300 and profiles.FIRST_PERSON.match(line) for line in lines)
+
+
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
     """Files under ``paths``: folders recurse (sorted, hidden entries skipped); links are not followed."""
     for path in paths:
@@ -325,6 +337,48 @@ class Library:
                 "filename": name, "sha256": sha, "size": size, "status": "failed", "error": reason,
                 "records": 0, "chunks": 0, "tokens": 0, "created": now(), "deleted": None,
             })
+
+    # --- what the user types or says ("Remember this", "Save this conversation to memory") ------
+
+    def remember(self, text: str, collection: str = "default") -> ImportResult:
+        """A fact or note the user typed, as a source of its own (the usual :class:`ImportResult`).
+
+        Lines that are all first-person statements ("My dog is called Pixel.", "I live in Porto.")
+        are read by the profile parser, so they become facts (about "me") that training phrases as
+        questions and answers; any other text is a short document. The text goes through the same
+        path as a file's bytes, so the same text twice in a collection is a duplicate.
+        """
+        text = (text or "").strip()
+        if not text:
+            raise EngramError("Type something to remember: the text is empty.")
+        if _first_person_statements(text):
+            return self._ingest_text(text.encode("utf-8"), "me.txt", "profile", collection)
+        return self._ingest_text(text.encode("utf-8"), "note.txt", "document", collection)
+
+    def remember_chat(self, turns: Iterable[dict], name: str, collection: str = "default") -> ImportResult:
+        """A conversation with the model (``{"role", "content"}`` turns) as a chat source named ``name``.
+
+        Written as the JSON message list the chat parser reads (``{"messages": [...]}``), so the
+        speakers (user, assistant) are kept as for an imported chat, and saving the same
+        conversation again without new turns is a duplicate.
+        """
+        import json
+
+        messages = [{"role": t["role"], "content": t["content"]} for t in turns
+                    if t["role"] in ("user", "assistant") and (t["content"] or "").strip()]
+        if not messages:
+            raise EngramError("This conversation has no messages yet: chat first, then save it to memory.")
+        data = json.dumps({"messages": messages}, ensure_ascii=False, indent=1).encode("utf-8")
+        return self._ingest_text(data, f"{name}.json", "chat", collection)
+
+    def _ingest_text(self, data: bytes, filename: str, kind: str, collection: str) -> ImportResult:
+        """Bytes made here (not read from a file) through the one import path of :meth:`_ingest_one`."""
+        entry = Entry(f"typed: {filename}", filename, data)
+        with ParserProcess(self.limits) as parser:  # started only if the text is large enough to need it
+            result = self._ingest_one(entry, kind, self.collection_id(collection), parser)
+        if result.status == "failed":
+            raise EngramError(f"Could not remember this: {result.reason}")
+        return result
 
     # --- reading ----------------------------------------------------------------------------
 

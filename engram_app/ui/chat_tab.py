@@ -47,6 +47,7 @@ class ChatTab:
     answer_on: gr.Textbox
     answer_off: gr.Textbox
     answer_rag: gr.Textbox
+    remember: gr.Button  # "Save this conversation to memory"
 
 
 def pack_choices(service: Service) -> list[str]:
@@ -165,6 +166,18 @@ def unload_pack(service: Service, pack: str | None) -> None:
             else f"Pack {info['pack']} was not loaded.")
 
 
+def save_to_memory(service: Service, conversation: int | None) -> None:
+    """The "Save this conversation to memory" button: the open conversation, every user and assistant turn
+    so far, becomes a chat source of the library (collection "default"), which the next training learns."""
+    if conversation is None:
+        raise gr.Error("Send a message first: there is no conversation to save yet.")
+    with user_errors():
+        result = service.remember_conversation(int(conversation))
+    gr.Info(f"Conversation {conversation} saved to memory as source {result.source} ({result.records} turns)."
+            if result.status == "added" else
+            f"Conversation {conversation} is already in memory as source {result.source} (no new turns).")
+
+
 def _layout() -> ChatTab:
     conversation = gr.State(None)
     last_reply = gr.State(None)
@@ -192,6 +205,7 @@ def _layout() -> ChatTab:
         clear = gr.Button("New chat", scale=1, elem_id="chat-clear")
         inspect = gr.Button("Inspect last reply", scale=1, elem_id="chat-inspect", interactive=False)
         unload = gr.Button("Unload pack", scale=1, elem_id="chat-unload", size="sm")
+        remember = gr.Button("Save this conversation to memory", scale=1, elem_id="chat-remember", size="sm")
     retrieved = gr.Dataframe(headers=["score", "source", "passage"], value=[], label="Passages put in the prompt",
                              interactive=False, visible=False, elem_id="chat-retrieved", wrap=True)
     with gr.Accordion("Generation options", open=False):
@@ -211,13 +225,14 @@ def _layout() -> ChatTab:
             answer_rag = gr.Textbox(label="Retrieval, memory off", lines=6, interactive=False, elem_id="compare-rag")
     return ChatTab(conversation, last_reply, pack, memory, retrieval, conversations, chatbot, message, send, clear,
                    inspect, unload, retrieved, max_tokens, temperature, top_p, compare_message, compare, compare_k,
-                   answer_on, answer_off, answer_rag)
+                   answer_on, answer_off, answer_rag, remember)
 
 
 def build_chat_tab(service: Service) -> ChatTab:
     """Lay out the Chat tab and connect its events (called inside the tab's ``gr.Tab``)."""
     tab = _layout()
     tab.unload.click(partial(unload_pack, service), [tab.pack], None, api_name="unload_pack")
+    tab.remember.click(partial(save_to_memory, service), [tab.conversation], None, api_name="remember_conversation")
     inputs = [tab.message, tab.chatbot, tab.conversation, tab.pack, tab.memory, tab.retrieval, tab.max_tokens,
               tab.temperature, tab.top_p]
     outputs = [tab.message, tab.chatbot, tab.conversation, tab.last_reply, tab.inspect, tab.retrieved,

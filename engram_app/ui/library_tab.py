@@ -41,6 +41,9 @@ class LibraryTab:
     open_button: gr.Button
     delete_button: gr.Button
     content: gr.Textbox
+    remember_text: gr.Textbox
+    remember_button: gr.Button
+    remember_train: gr.Checkbox
 
 
 def source_rows(service: Service, query: str, status: str) -> list[list]:
@@ -83,6 +86,29 @@ def import_examples(service: Service, tab: LibraryTab, kind: str, collection: st
     return import_files(service, tab, files, kind, collection, query, status, progress)
 
 
+def remember_text(service: Service, tab: LibraryTab, text: str, collection: str, then_train: bool, query: str,
+                  status: str) -> dict:
+    """The "Remember this" button: the typed fact or note as a source (statements become facts), and with
+    "then train" a job for every pack that learns from the collection; shown in the results area."""
+    text = (text or "").strip()
+    if not text:
+        raise gr.Error("Type a fact or a note to remember first.")
+    collection = (collection or "default").strip()
+    with user_errors():
+        result = service.remember(text, collection)
+        jobs = service.train_collection(collection) if then_train and result.status == "added" else []
+    if result.status == "added":
+        rows = [["typed text", "added", f"{result.kind}: {result.records} records (source {result.source})"]]
+    else:
+        rows = [["typed text", "duplicate", f"already in the library as source {result.source}"]]
+    rows += [["training", "queued", f"job {job['id']} for pack {job['pack']} (Memory & training tab)"]
+             for job in jobs]
+    if then_train and result.status == "added" and not jobs:
+        rows.append(["training", "not queued", f"no pack learns from collection {collection}: create one first"])
+    return {tab.results: rows, tab.sources: source_rows(service, query, status),
+            tab.remember_text: "" if result.status == "added" else text}
+
+
 def open_source(service: Service, source_id: float | None) -> str:
     """One source's details and text, for the read-only text box."""
     if not source_id:
@@ -120,6 +146,14 @@ def build_library_tab(service: Service) -> LibraryTab:
             collection = gr.Textbox(value="default", label="Collection", elem_id="library-collection")
             import_button = gr.Button("Import", variant="primary", elem_id="library-import")
             examples = gr.Button("Add the example files", elem_id="library-examples", visible=EXAMPLES.is_dir())
+    with gr.Row():
+        remember_box = gr.Textbox(label="Remember this", placeholder="A fact (My dog is called Pixel.) or a note",
+                                  lines=2, max_lines=6, scale=4, elem_id="library-remember-text")
+        with gr.Column(scale=1):
+            remember_train = gr.Checkbox(value=False, label="then train",
+                                         info="queue a job for the packs that learn this collection",
+                                         elem_id="library-remember-train")
+            remember_button = gr.Button("Remember this", elem_id="library-remember")
     results = gr.Dataframe(headers=RESULT_COLUMNS, value=[], label="What became of each file", interactive=False,
                            wrap=True, elem_id="library-results")
     with gr.Row():
@@ -134,13 +168,16 @@ def build_library_tab(service: Service) -> LibraryTab:
         delete_button = gr.Button("Delete", variant="stop", scale=1, elem_id="library-delete")
     content = gr.Textbox(label="Source", lines=12, max_lines=30, interactive=False, elem_id="library-content")
     tab = LibraryTab(drop, kind, collection, import_button, examples, results, query, status, sources, source_id,
-                     open_button, delete_button, content)
+                     open_button, delete_button, content, remember_box, remember_button, remember_train)
 
     imported = [tab.results, tab.sources, tab.drop]
     tab.import_button.click(partial(import_files, service, tab), [drop, kind, collection, query, status], imported,
                             api_name="ingest")
     tab.examples.click(partial(import_examples, service, tab), [kind, collection, query, status], imported,
                        api_visibility="private")
+    tab.remember_button.click(partial(remember_text, service, tab),
+                              [remember_box, collection, remember_train, query, status],
+                              [tab.results, tab.sources, tab.remember_text], api_name="remember")
     query.change(partial(source_rows, service), [query, status], sources, api_visibility="private")
     status.change(partial(source_rows, service), [query, status], sources, api_visibility="private")
     tab.open_button.click(partial(open_source, service), source_id, content, api_name="show_source")
