@@ -224,8 +224,12 @@ def ask(page, question: str, memory: bool) -> str:
     return text
 
 
+ALL_FILES = ("profile-maya.md", "chatgpt-conversations.json", "garden-notes.md")
+
+
 def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str, evaluate: bool = True,
-                compare: bool = False, export: bool = False, until_recalled: bool = True) -> dict:
+                compare: bool = False, export: bool = False, until_recalled: bool = True,
+                examples: tuple[str, ...] = ALL_FILES) -> dict:
     """The whole job in the browser: drop files, train (reloading mid-job), chat with memory on and off, inspect.
 
     Returns what the test asserts on: the two replies and the inspector's views.
@@ -235,16 +239,16 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: s
     page.goto(url)
     page.wait_for_selector("#status :text('loaded in')", timeout=60_000)
 
-    # Library: a profile, a chat export, a document and a hostile file, dropped at once.
+    # Library: the example files (a profile, a chat export, a document) and a hostile file, dropped at once.
     page.get_by_role("tab", name="Library").click()
-    files = [EXAMPLES / "profile-maya.md", EXAMPLES / "chatgpt-conversations.json", EXAMPLES / "garden-notes.md", hostile]
+    files = [*(EXAMPLES / name for name in examples), hostile]
     page.set_input_files("#library-drop input[type=file]", [str(f) for f in files])
     page.wait_for_timeout(1500)  # the upload finishes before the import starts
     page.click("#library-import")
     page.wait_for_function(f"() => {text_of('#library-results')}.includes('shed.txt')", timeout=180_000)
     results = page.locator("#library-results").inner_text()
-    assert results.count("added") == 4, results
-    page.wait_for_function(f"() => {text_of('#library-sources')}.includes('ChatGPT export')", timeout=30_000)
+    assert results.count("added") == len(files), results
+    page.wait_for_function(f"() => {text_of('#library-sources')}.includes('Profile: About me (Maya)')", timeout=30_000)
     sources = page.locator("#library-sources").inner_text()
     assert "Profile: About me (Maya)" in sources and "<img src=x" in sources  # the hostile title, as text
     assert page.title() != "pwned" and page.locator("#library-sources img, #library-sources script").count() == 0
@@ -374,9 +378,10 @@ def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(bundled_ho
         (home / "models" / model.name).symlink_to(model)
     with running_app(home, tmp_path / "app.log") as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        # Trains until the profile's facts are recalled at two checks in a row (about 20-40 steps
-        # here), 100 steps at most.
-        view = memory_flow(page, url, tmp_path, pack="maya", steps=100, prefix="bundled", evaluate=False)
+        # The profile and the hostile file only (the tiny-model flow drops every kind of file);
+        # trains until the profile's facts are recalled at two checks in a row, 100 steps at most.
+        view = memory_flow(page, url, tmp_path, pack="maya", steps=100, prefix="bundled", evaluate=False,
+                           examples=("profile-maya.md",))
     print("memory off:", view["off"], "| memory on:", view["on"], "| job:", view["after_reload"])
     check_flow(view)
     assert "Pixel" in view["on"] and "Pixel" not in view["off"]
