@@ -102,3 +102,22 @@ def test_the_batched_recall_check_answers_each_probe_as_a_reply_of_its_own_would
     assert recalled(adapted, loaded.tokenizer, own, batch_size=3) == [True, True, True]
     swapped = [Probe(prompts[0], replies[1] + " zebra"), *own[1:]]
     assert recalled(adapted, loaded.tokenizer, swapped, batch_size=2) == [False, True, True]
+
+
+def test_the_until_learned_preset_queues_a_job_with_no_time_limit(make_service, monkeypatch):
+    import gradio as gr
+
+    from engram_app.ui.train_tab import BUDGETS, build_train_tab, start_training
+
+    service = make_service("preset")
+    monkeypatch.setattr(service, "ensure_worker", lambda *args, **kwargs: None)  # queued, never run
+    with gr.Blocks():
+        tab = build_train_tab(service)
+    queued = {}
+    for budget in BUDGETS:
+        out = start_training(service, tab, "me", budget, True, 40, 1e-2, False)
+        queued[budget] = service.job(out[tab.job_id])["options"]
+        service.cancel(out[tab.job_id])
+    assert queued["until learned (no time limit)"]["max_minutes"] is None
+    assert queued["thorough (10 min)"]["max_minutes"] == 10.0 and queued["quick (2 min)"]["max_minutes"] == 2.0
+    assert all(options["max_steps"] == 40 and options["until_recalled"] for options in queued.values())

@@ -27,7 +27,9 @@ from engram_app.ui.security import discard_uploads
 PACK_COLUMNS = ["pack", "mode", "size", "active version", "versions", "base model", "learns from", "warning"]
 VERSION_COLUMNS = ["version", "active", "steps", "memorisation loss", "forgetting cost", "recall", "created"]
 PRESET_HELP = " | ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
-BUDGETS = {"quick (2 min)": 2.0, "thorough (10 min)": 10.0}
+# Minutes of training per preset; None: no time limit (the step cap, the epochs or the recall check end it,
+# so the same memory comes out on a busy machine as on an idle one).
+BUDGETS = {"quick (2 min)": 2.0, "thorough (10 min)": 10.0, "until learned (no time limit)": None}
 
 
 @dataclass
