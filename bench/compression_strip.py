@@ -16,17 +16,15 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_table import publish  # noqa: E402
-from bench.train_recall import import_personas, run_job  # noqa: E402
+from bench.train_recall import import_personas, run_job, scratch_service  # noqa: E402
 from engram_app.engram.compression import compression_for  # noqa: E402
 from engram_app.service import Service  # noqa: E402
-from engram_app.settings import Settings, default_home  # noqa: E402
 from engram_app.training import TrainOptions  # noqa: E402
 from engram_app.training.packs import PackConfig  # noqa: E402
 from engram_app.training.sizes import PRESETS  # noqa: E402
@@ -54,9 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    home = Path(tempfile.mkdtemp(prefix="engram-bench-"))
-    (home / "models").symlink_to((default_home() / "models").resolve())  # reuse the converted model
-    service = Service(Settings(home=home, device=args.device))
+    service, home = scratch_service(args.device)
     people, probes = import_personas(service, home, args.data, args.personas)
     people = len(people)
     print(f"{people} personas, {len(probes)} probes", flush=True)

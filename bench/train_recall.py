@@ -45,6 +45,13 @@ def personas(data: Path, count: int) -> list[list[str]]:
     return out
 
 
+def scratch_service(device: str) -> tuple[Service, Path]:
+    """A service on a new temporary data root that reuses the converted model of the default one."""
+    home = Path(tempfile.mkdtemp(prefix="engram-bench-"))
+    (home / "models").symlink_to((default_home() / "models").resolve())
+    return Service(Settings(home=home, device=device)), home
+
+
 def import_personas(service: Service, home: Path, data: Path, count: int) -> tuple[list[list[str]], list[Probe]]:
     """Each persona as a profile in the library; the probes with a single answer across them all.
 
@@ -96,9 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    home = Path(tempfile.mkdtemp(prefix="engram-bench-"))
-    (home / "models").symlink_to((default_home() / "models").resolve())  # reuse the converted model
-    service = Service(Settings(home=home, device=args.device))
+    service, home = scratch_service(args.device)
     people, probes = import_personas(service, home, args.data, args.personas)
     print(f"{len(people)} personas, {sum(map(len, people))} facts, {len(probes)} probes", flush=True)
 
