@@ -47,6 +47,12 @@ class ChatStream:
     def __iter__(self) -> Iterator[GeneratedToken]:
         self.result = yield from self._steps
 
+    def finish(self) -> ChatResult:
+        """Generate the whole reply (the tokens not iterated yet) and return its result."""
+        for _ in self:
+            pass
+        return self.result
+
 
 @dataclass(frozen=True)
 class Turn:

@@ -42,6 +42,13 @@ def memory_effect(runtime: Runtime, ids: Sequence[int], start: int = 1) -> list[
     return out
 
 
+def memory_runtime(runtime: Runtime, pack: str) -> Runtime:
+    """``runtime`` (the base model wearing ``pack``), refused when the pack has no Engram memory."""
+    if runtime.adapted is None or runtime.adapted.memory is None:
+        raise EngramError(f"Pack {pack!r} has no Engram memory to inspect (it is a LoRA-only pack).")
+    return runtime
+
+
 def stored_trace(runtime: Runtime, message: dict) -> dict:
     """The per-token memory report of a stored reply (a ``messages`` row with its pack's name), from
     the trace recorded while it was generated, read with the memory ``runtime`` wears."""

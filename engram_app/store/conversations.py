@@ -72,6 +72,13 @@ class ConversationStore:
             raise EngramError(f"No message {message_id}.")
         return rows[0]
 
+    def traced_message(self, message_id: int) -> dict:
+        """:meth:`message`, refused when the message was not generated with a memory (it has no trace)."""
+        row = self.message(message_id)
+        if row["trace"] is None or row["pack"] is None:
+            raise EngramError(f"Message {message_id} was not generated with a memory: it has no trace.")
+        return row
+
     def _require(self, conversation: int) -> None:
         if not self.db["conversations"].count_where("id = ?", [conversation]):
             raise EngramError(f"No conversation {conversation}.")

@@ -144,6 +144,13 @@ def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_token
     return hits
 
 
+def evaluate_runtime(runtime, probes: Sequence[Probe], progress: Callable[[int, int], None] | None = None) -> dict:
+    """:func:`run_probes` on a pack runtime of a shared base model (inference/pools.py); chats with that
+    model wait while it runs."""
+    with runtime.session():
+        return run_probes(runtime.adapted, runtime.tokenizer, probes, progress)
+
+
 def run_probes(adapted: Adapted, tokenizer, probes: Sequence[Probe],
                progress: Callable[[int, int], None] | None = None) -> dict:
     """The ``eval`` report: every probe with memory on and off, and a summary of each."""

@@ -25,6 +25,7 @@ import sqlite_utils
 
 from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
+from engram_app.models import resolve_model
 from engram_app.store.batches import batched, placeholders
 from engram_app.store.db import now
 from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, check_fits
@@ -99,6 +100,8 @@ class PackStore:
     def create(self, name: str, base_model: str | None, size: str = DEFAULT_PRESET,
                collections: list[str] | None = None, mode: str = "engram", config: PackConfig | None = None) -> dict:
         check_name(name)
+        if base_model is not None:
+            resolve_model(base_model)  # fails now, with a clear message, for a model that cannot be found
         known = {r["name"] for r in self.db.query("select name from collections")}
         unknown = [c for c in collections or [] if c not in known]
         if unknown:
@@ -112,6 +115,11 @@ class PackStore:
     def names(self) -> dict[int, str]:
         """Every pack's name by its id."""
         return {r["id"]: r["name"] for r in self.db.query("select id, name from packs")}
+
+    def learners(self, collection: str) -> list[str]:
+        """The packs that learn from ``collection``: their collections name it, or they have none (they
+        learn the whole library)."""
+        return [p["name"] for p in self.list() if not p["collections"] or collection in p["collections"]]
 
     def reserve(self, name: str, base_model: str | None, config: PackConfig,
                 collections: list[str] | None = None) -> dict:
@@ -190,6 +198,12 @@ class PackStore:
                         "sources": json.loads(v["sources"] or "[]"), "evaluation": json.loads(v["evaluation"] or "null"),
                         "created": v["created"]})
         return out
+
+    def trained(self, name: str) -> dict:
+        """The pack's active version; refused when it has none yet."""
+        if (version := self.version(name)) is None:
+            raise EngramError(f"Pack {name!r} has no trained version yet: train it first (`train --pack {name}`).")
+        return version
 
     def version(self, name: str, number: int | None = None) -> dict | None:
         """A version of the pack (its active one by default); None when it has none."""

@@ -45,6 +45,12 @@ def model_spec(base_model: str) -> str | None:
     return None if base_model in (None, "default") else base_model
 
 
+def training_plan(db: sqlite_utils.Database, packs: PackStore, pack: str, options: TrainOptions) -> dict:
+    """What a job on pack ``pack`` would learn: new and replayed source ids, and its ``parent`` version."""
+    job_plan, parent = plan_job(db, packs, packs.get(pack), options)
+    return {**job_plan.to_json(), "parent": parent}
+
+
 def plan_job(db: sqlite_utils.Database, packs: PackStore, pack: dict, options: TrainOptions) -> tuple[Plan, int | None]:
     """What a job on ``pack`` would train on, and the version it would start from."""
     active = packs.version(pack["name"])
