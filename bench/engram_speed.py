@@ -1,7 +1,7 @@
 """What an Engram memory costs: decode speed with memory vs the base model, and training speed of
 Engram vs LoRA r=16 (vs both) on the same batches. Ratios against baselines run in this process.
 
-    python bench/engram_speed.py [--model M] [--device cpu|cuda] [--random-init] [--data CSV]
+    python bench/engram_speed.py [--model M] [--device cpu|cuda] [--random-init] [--data CSV] [--orders 2,3,4]
 
 --random-init builds a randomly initialised model of the same shape (for GPU machines without
 the bundled weights). --data reads text from the Synthetic-Persona-Chat CSV; without it the
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--orders", default="2,3", help="n-gram orders of the memory (the default: 2,3)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -98,7 +99,7 @@ def main() -> None:
     loaded.model.to(plan.device, plan.dtype)
     loaded.device = plan
     tokenizer = loaded.tokenizer
-    config = EngramConfig()
+    config = EngramConfig(orders=tuple(int(n) for n in args.orders.split(",")))
     describe = f"{loaded.source.name}{' (random init)' if args.random_init else ''} on {plan.describe()}"
 
     # --- decode ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from engram_app.settings import Settings
 from engram_app.training.dataset import Plan, build
 from engram_app.training.provenance import Provenance
 from engram_app.training.slots import SlotIndex, SlotIndexBuilder
+from engram_app.training.text import fact_phrasings
 from engram_app.training.trainer import batch_indices
 from test_training import run_inline, stop_worker
 
@@ -111,7 +112,8 @@ def test_a_profile_fact_trained_as_a_question_shows_the_chunk_of_that_fact(train
     slot = last_trigram(service, "What is my cat called?")  # " called?": only the question phrasings say it
     [writer] = writers_of(service.provenance("me", [slot.row]), slot, sources["profile"])
     assert writer["chunk"] == second["id"]
-    assert writer["count"] == 2  # two question/answer phrasings ask it
+    asked = [c for c in fact_phrasings(FACT) if c[0]["content"] == "What is my cat called?"]
+    assert writer["count"] == len(asked) == 4  # the question asked with each of its 3 answers, and once told
     assert writer["passage"] == flat(second["text"])  # the n-gram is not in the chunk: its start (here all of it)
 
 
@@ -144,7 +146,7 @@ def test_an_index_written_before_chunks_were_recorded_falls_back_to_searching_th
         [by_profile] = writers_of(who, fact, sources["profile"])
         # Not in the text: the source's opening, not the fact's chunk (what the old index can do).
         first = chunks(service, sources["profile"])[0]
-        assert by_profile["chunk"] is None and by_profile["count"] == 2
+        assert by_profile["chunk"] is None and by_profile["count"] == 4  # the question's 4 phrasings (above)
         assert by_profile["passage"] == flat(first["text"])[:160] + "..."
         assert first["text"].startswith("I once heard song number 0")
 
@@ -157,7 +159,7 @@ def test_an_index_written_before_chunks_were_recorded_falls_back_to_searching_th
         assert merged.has_chunks
         found = {(w.source_id, w.chunk_id, w.count) for w in merged.writers(fact.row)
                  if Provenance.ngram(w, tokenizer) == fact.ngram}
-        assert found == {(sources["profile"], None, 2), (99, 1234, 1)}
+        assert found == {(sources["profile"], None, 4), (99, 1234, 1)}
     finally:
         shutil.rmtree(folder)
         shutil.copytree(tmp_path / "kept", folder)
@@ -171,7 +173,8 @@ def test_a_run_stopped_inside_its_first_epoch_indexes_only_the_examples_it_drew(
     tokenizer = service.chat_runtime("partial").tokenizer
     new, replay, _, _ = build(service.db(), tokenizer, Plan.from_json(job["plan"]), 256, 0.5, 0)
     assert not replay and len(new) > 8
-    drawn = {(new[i].source_id, new[i].chunk_id) for i in batch_indices(len(new), 8, 0, 0)}
+    trained = len(new) + min(16, -(-len(new) // 4))  # the job's anchors follow its new examples, never indexed
+    drawn = {(new[i].source_id, new[i].chunk_id) for i in batch_indices(trained, 8, 0, 0) if i < len(new)}
     index = SlotIndex.open(Path(service.packs_store().version("partial")["path"]) / "slots")
     indexed = {(int(s), int(c)) for s, c in np.asarray(index.writes)[:, [1, 3]]}
     assert indexed == drawn and drawn != {(e.source_id, e.chunk_id) for e in new}

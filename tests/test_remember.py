@@ -90,7 +90,8 @@ def test_remember_train_json_queues_a_job_per_learning_pack_whose_version_learns
     examples, probes = source_examples(service.db(), service.tokenizer(), source, 256)
     text = [service.tokenizer().decode(e.ids) for e in examples]
     assert any("My dog is called Pixel." in t for t in text)
-    assert [(p.prompt, p.answer) for p in probes] == [("What is my dog called?", "Pixel")]
+    assert [(p.prompt, p.answer) for p in probes if not p.held_out] == [("What is my dog called?", "Pixel")]
+    assert [p.answer for p in probes if p.held_out] == ["Pixel", "Pixel"]  # asked in new words, for evaluation
     # Nothing new, nothing queued: the same text again is a duplicate.
     again = json.loads(run(service, "remember", "--train", "--json", "My dog is called Pixel."))
     assert (again["result"]["status"], again["jobs"]) == ("duplicate", [])

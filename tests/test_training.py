@@ -26,11 +26,15 @@ from engram_app.training.dataset import plan
 from engram_app.training.runner import JobRunner
 from engram_app.training.slots import SlotIndex
 from engram_app.training.text import (
+    GENERIC_QUESTIONS,
     IGNORE,
     Probe,
     chat_example,
+    chat_statements,
     fact_phrasings,
     fact_questions,
+    fact_training_pairs,
+    held_out_probes,
     second_person,
     turns_as_messages,
 )
@@ -119,6 +123,32 @@ def test_first_person_facts_become_second_person_questions_and_answers():
     assert len(fact_phrasings("Cats are nice.")) == 4
 
 
+def test_a_fact_is_trained_in_several_questions_and_answers_and_probed_in_questions_it_never_saw():
+    pairs = fact_training_pairs("My dog is called Pixel.")
+    assert ("What is the name of my dog?", "Your dog's name is Pixel.") in pairs
+    assert len(pairs) == 2 * 3  # every trained question with every answer sentence
+    trained = {text for conversation in fact_phrasings("My dog is called Pixel.") for message in conversation
+               for text in [message["content"]]}
+    for fact in ("My dog is called Pixel.", "I have a turtle named Timothy.", "I live in Porto.", "I work as a nurse.",
+                 "I was born in Kyoto.", "I grew up in Galway.", "I like green tea.", "I'm from Oslo.", "I have two cats.",
+                 "My name is Ada.", "My favourite colour is teal.", "I work at the library."):
+        held_out = held_out_probes(fact)
+        questions = {q for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
+        assert len(held_out) >= 2, fact
+        assert not {p.prompt for p in held_out} & questions, fact  # never a training question
+        assert {p.answer for p in held_out} == {fact_questions(fact)[0][2]}
+    assert held_out_probes("Cats are nice.") == []
+    assert "Do you remember what my dog is called?" not in trained
+
+
+def test_the_users_own_first_person_facts_in_a_chat_become_facts():
+    turns = [("Sam", "Hi! I have a German Shepherd named Barnaby. Do you have pets?"),
+             ("Bot", "I have a cat named Tom."),  # the other speaker's facts are not the user's
+             ("Sam", "I live in Leeds, and we love it. I love that about you. I like action movies too!"),
+             ("Bot", "Nice."), ("Sam", "What do you like?")]
+    assert chat_statements(turns) == ["I have a German Shepherd named Barnaby.", "I like action movies!"]
+
+
 def test_chat_loss_covers_the_turns_and_not_the_template_preamble():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = ("<|system|>You are helpful.\n{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
@@ -163,6 +193,11 @@ def test_a_job_writes_a_loadable_version_with_its_evaluation_and_slot_index(serv
     assert evaluation["retention"]["base"] is not None and evaluation["retention"]["cost"] is not None
     assert evaluation["recall"]["probes"] == 2
     assert evaluation["recall"]["memory_on"]["recall"] > evaluation["recall"]["memory_off"]["recall"]
+    # Questions in words the training text never used, asked memory on and off, each marked remembered or not.
+    held_out = evaluation["held_out"]
+    assert held_out["probes"] == 4 and {f["answer"] for f in held_out["facts"]} == {"Pixel", "Porto"}
+    assert all(isinstance(f["remembered"], bool) for f in held_out["facts"])
+    assert held_out["memory_on"]["recall"] == sum(f["remembered"] for f in held_out["facts"]) / 4
 
     # The job recorded its metrics at every step.
     job = service.jobs()[0]
@@ -189,6 +224,26 @@ def test_a_job_writes_a_loadable_version_with_its_evaluation_and_slot_index(serv
     writers = index.writers(hit.row)
     assert writers and writers[0].source_id == source
     assert any(w.ngram_ids == ids[-2:] for w in writers)  # the bigram ending at the last token
+
+
+def test_anchors_are_the_base_models_own_replies_trained_with_the_facts_and_never_indexed(service, tmp_path):
+    source = add_profile(service, tmp_path, "a.md", PROFILE_A)
+    service.create_pack("me", size="small")
+    run_inline(service, "me", max_steps=3, until_recalled=False, evaluate=False)
+    cache = service.packs_store().folder("me") / "anchors.json"
+    anchors = json.loads(cache.read_text())
+    assert len(anchors) == 16 and all(item["reply_ids"] for item in anchors)  # generated once, memory off
+    job = service.jobs()[0]
+    log = [line["message"] for line in service.job(job["id"], log_tail=50)["log"]]
+    new = len(fact_phrasings("My dog is called Pixel.")) + len(fact_phrasings("I live in Porto."))
+    assert f"1 new sources ({new} examples), 0 replayed examples" in log
+    assert f"{-(-new // 4)} anchors (the base model's own replies to general requests)" in log  # 0.25 per example
+    version = Path(service.pack("me")["versions"][0]["path"])
+    assert set(SlotIndex.open(version / "slots").gram_sources[:, 1].tolist()) == {source}  # no anchor wrote a row
+
+    service.create_pack("plain", size="small")
+    run_inline(service, "plain", max_steps=2, until_recalled=False, evaluate=False, anchors=0)
+    assert not (service.packs_store().folder("plain") / "anchors.json").exists()
 
 
 def test_incremental_training_keeps_what_the_first_job_taught(service, tmp_path):

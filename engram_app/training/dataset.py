@@ -19,8 +19,10 @@ from engram_app.training.text import (
     Probe,
     chat_example,
     conversation_example,
+    chat_statements,
     fact_phrasings,
     fact_probes,
+    held_out_probes,
     text_example,
     turns_as_messages,
 )
@@ -80,6 +82,7 @@ def source_examples(db: sqlite_utils.Database, tokenizer, source_id: int, max_le
     examples: list[Example] = []
     probes: list[Probe] = []
     facts_done: set[int] = set()
+    statements_done: set[str] = set()
     for chunk in chunks:
         covered = records[chunk["first_record"]: chunk["last_record"] + 1]
         turns = [(r["speaker"], r["text"]) for r in covered if r["kind"] == "turn"]
@@ -90,9 +93,17 @@ def source_examples(db: sqlite_utils.Database, tokenizer, source_id: int, max_le
                 for conversation in fact_phrasings(r["text"]):
                     examples.append(conversation_example(tokenizer, conversation, source_id, kind, max_length,
                                                          chunk["id"]))
-                probes += fact_probes(r["text"], source_id)
+                probes += fact_probes(r["text"], source_id) + held_out_probes(r["text"], source_id)
         if turns:
             examples.append(_chat(tokenizer, turns, source_id, kind, max_length, chunk["id"]))
+            # The user's own first-person facts in the chat, trained (and probed) as profile facts are.
+            for statement in chat_statements(turns):
+                if statement not in statements_done:
+                    statements_done.add(statement)
+                    for conversation in fact_phrasings(statement):
+                        examples.append(conversation_example(tokenizer, conversation, source_id, kind, max_length,
+                                                             chunk["id"]))
+                    probes += fact_probes(statement, source_id) + held_out_probes(statement, source_id)
         if texts:
             examples.append(text_example(tokenizer, chunk["text"], source_id, kind, max_length, chunk["id"]))
     return [e for e in examples if e.loss_tokens > 0], probes

@@ -33,6 +33,28 @@ RETENTION_PROMPTS = (
     "Suggest a name for a small bakery.",
 )
 REPLY_TOKENS = 40
+# General requests whose replies by the base model itself (memory off) are trained alongside a
+# pack's facts, so the memory learns to leave the model's general answers as they were (the
+# "anchors"). None of them is a retention prompt above: those measure what the anchors protect.
+ANCHOR_PROMPTS = (
+    "What is two plus three?",
+    "Name three colours of the rainbow.",
+    "How many legs does a spider have?",
+    "Write one sentence about autumn.",
+    "What is the opposite of hot?",
+    "Give me a synonym for happy.",
+    "Which planet is closest to the sun?",
+    "What do bees make?",
+    "Translate 'thank you' into French.",
+    "Tell me a fun fact about elephants.",
+    "What is water made of?",
+    "How do I boil an egg?",
+    "What is the largest ocean on Earth?",
+    "Who wrote Romeo and Juliet?",
+    "What language is spoken in Brazil?",
+    "Describe a rainy day in one sentence.",
+)
+ANCHOR_TOKENS = 32
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int, device) -> dict:
@@ -124,24 +146,44 @@ def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_token
     than :func:`probe_result`'s, so a check of 24 facts costs about as much as a few training
     steps. It errs on the side of training on: an answer past ``max_new_tokens`` is not counted.
     """
-    model = adapted.model
+    replies = generate_batch(adapted.model, tokenizer, [probe.prompt for probe in probes], max_new_tokens, batch_size)
+    return [probe.answer.lower() in tokenizer.decode(row, skip_special_tokens=True).lower()
+            for probe, row in zip(probes, replies)]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """The greedy reply (token ids, up to the end-of-sequence token) to each prompt, ``batch_size`` at a
+    time, left-padded (a padded position hashes like the start of a sequence)."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    hits: list[bool] = []
-    for start in range(0, len(probes), batch_size):
-        chunk = probes[start: start + batch_size]
-        prompts = [prompt_ids(tokenizer, probe.prompt) for probe in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
+    stop = {tokenizer.eos_token_id, pad}
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts[start: start + batch_size]]
+        width = max(len(p) for p in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, prompt in enumerate(encoded):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad)
-        for probe, row in zip(chunk, out[:, width:].tolist()):
-            hits.append(probe.answer.lower() in tokenizer.decode(row, skip_special_tokens=True).lower())
-    return hits
+        for row in out[:, width:].tolist():
+            end = next((j for j, token in enumerate(row) if token in stop), len(row))
+            replies.append(row[:end + 1] if end < len(row) and row[end] == tokenizer.eos_token_id else row[:end])
+    return replies
+
+
+def held_out_recall(adapted: Adapted, tokenizer, probes: Sequence[Probe]) -> dict:
+    """Recall of questions asked in words the training text never used (``Probe.held_out``), memory on
+    and off, and per question whether it is remembered yet: what a version's evaluation shows."""
+    on = recalled(adapted, tokenizer, probes)
+    with adapted.off():
+        off = recalled(adapted, tokenizer, probes)
+    return {"probes": len(probes), "memory_on": {"recall": round(sum(on) / len(probes), 4)},
+            "memory_off": {"recall": round(sum(off) / len(probes), 4)},
+            "facts": [{"prompt": p.prompt, "answer": p.answer, "remembered": hit} for p, hit in zip(probes, on)]}
 
 
 def evaluate_runtime(runtime, probes: Sequence[Probe], progress: Callable[[int, int], None] | None = None) -> dict:
@@ -218,6 +260,29 @@ def retention_examples(adapted: Adapted, tokenizer, cache: Path, max_length: int
         if tail:
             ids = (head + tail)[:max_length]
             out.append(Example(ids, ([IGNORE] * len(head) + tail)[:max_length], -1, "retention"))
+    return out
+
+
+def anchor_examples(adapted: Adapted, tokenizer, cache: Path, count: int, max_length: int = 256) -> list[Example]:
+    """``count`` of the base model's own replies to :data:`ANCHOR_PROMPTS`, with the loss on the reply:
+    trained with the facts, they hold the memory's gate shut on general questions (a memory that
+    learned only "You ..." replies starts every reply with "You"). Generated once per pack (memory
+    off, in batches) and kept in ``cache``, so a resumed job trains on the very same ones."""
+    if count <= 0:
+        return []
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+    else:
+        with adapted.off():
+            replies = generate_batch(adapted.model, tokenizer, ANCHOR_PROMPTS, ANCHOR_TOKENS)
+        data = [{"prompt": prompt, "reply_ids": ids} for prompt, ids in zip(ANCHOR_PROMPTS, replies)]
+        write_text(cache, json.dumps(data, indent=1))
+    out = []
+    for item in data[:count]:
+        head, tail = prompt_ids(tokenizer, item["prompt"]), item["reply_ids"]
+        if tail:
+            ids = (head + tail)[:max_length]
+            out.append(Example(ids, ([IGNORE] * len(head) + tail)[:max_length], -1, "anchor"))
     return out
 
 

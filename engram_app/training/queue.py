@@ -38,6 +38,7 @@ class TrainOptions:
     batch_size: int = 8
     max_length: int = 256
     replay: float = 0.5  # replayed examples of earlier sources per new example
+    anchors: float = 0.25  # the base model's own replies to general prompts, per new example (at most 16)
     full: bool = False  # retrain from scratch on every source (drops deleted sources' writes)
     seed: int = 0
     checkpoint_seconds: float = 30.0

@@ -15,6 +15,7 @@ are never cut short.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 from collections.abc import Callable
@@ -29,7 +30,16 @@ from engram_app.models import load_base_model
 from engram_app.settings import Settings, resolve_device
 from engram_app.training import adapters
 from engram_app.training.dataset import Plan, build, plan
-from engram_app.training.evaluate import mean_loss, recalled, relative, retention_examples, run_probes
+from engram_app.training.evaluate import (
+    ANCHOR_PROMPTS,
+    anchor_examples,
+    mean_loss,
+    recalled,
+    held_out_recall,
+    relative,
+    retention_examples,
+    run_probes,
+)
 from engram_app.training.queue import JobQueue, TrainOptions
 from engram_app.training.packs import PackStore
 from engram_app.training.peft_export import write_version_card
@@ -93,7 +103,6 @@ class JobRunner:
         if not new:
             raise EngramError("Nothing to learn: the pack's collections have no sources it has not learned "
                               "(import files, or retrain everything with --full).")
-        examples = new + replay
         self.say(f"{len(job_plan.new)} new sources ({len(new)} examples), {len(replay)} replayed examples")
 
         job_dir = self.packs.job_folder(pack["name"], self.job_id)
@@ -108,7 +117,13 @@ class JobRunner:
             torch.manual_seed(options.seed)  # fresh tables and LoRA weights: reproducible from the job's seed
             adapted = adapters.attach(loaded.model, tokenizer, config)
 
-        probes = (new_probes + old_probes)[: options.max_probes]
+        # Anchors last: the slot index records only the first len(new) examples (_write_slots).
+        anchors = anchor_examples(adapted, tokenizer, self.packs.folder(pack["name"]) / "anchors.json",
+                                  min(len(ANCHOR_PROMPTS), math.ceil(options.anchors * len(new))), options.max_length)
+        examples = new + replay + anchors
+        if anchors:
+            self.say(f"{len(anchors)} anchors (the base model's own replies to general requests)")
+        probes = [p for p in new_probes + old_probes if not p.held_out][: options.max_probes]
         until = self._recall_check(adapted, tokenizer, probes) if options.until_recalled and probes else None
         trainer = Trainer(adapted, tokenizer, examples, options, on_step=self._on_step, should_stop=self.should_stop,
                           checkpoint_dir=checkpoint, until=until)
@@ -199,11 +214,14 @@ class JobRunner:
         evaluation["retention"] = {"base": _round(before.get("retention_base")),
                                    "before": _round(before.get("retention_before")), "after": _round(retained),
                                    "cost": relative(before.get("retention_base"), retained)}
-        probes = (new_probes + old_probes)[: options.max_probes]
+        probes = [p for p in new_probes + old_probes if not p.held_out][: options.max_probes]
         if probes:
             report = run_probes(adapted, tokenizer, probes)
             evaluation["recall"] = {**report["summary"], "probes": len(probes),
                                     "examples": report["probes"][:options.max_probes]}
+        held_out = [p for p in new_probes + old_probes if p.held_out][: options.max_probes]
+        if held_out:
+            evaluation["held_out"] = held_out_recall(adapted, tokenizer, held_out)
         return evaluation
 
     def _write_slots(self, adapted, folder: Path, trainer: Trainer, new: int, parent_dir: Path | None) -> None:

@@ -62,6 +62,7 @@ class Probe:
     prompt: str
     answer: str
     source_id: int | None = None
+    held_out: bool = False  # asked in words the training text never uses (evaluation only, never the stop test)
 
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "answer": self.answer}
@@ -100,46 +101,109 @@ def _short_answer(text: str) -> str:
     return head.strip()
 
 
-# Each pattern: a regex on the fact (first person, no trailing punctuation), a question
-# template and a second-person answer template; ``ans`` is the span a reply must contain.
-_PATTERNS: list[tuple[re.Pattern, str, str]] = [
-    (re.compile(r"^my (?P<thing>[\w' -]{1,40}?) (?P<verb>is|are|was) (?:called|named) (?P<ans>.+)$", re.I),
-     "What {verb} my {thing} called?", "Your {thing} {verb} called {ans}."),
-    (re.compile(r"^my name is (?P<ans>.+)$", re.I), "What is my name?", "Your name is {ans}."),
-    (re.compile(r"^my (?P<thing>[\w' -]{1,40}?) (?P<verb>is|are|was) (?P<ans>.+)$", re.I),
-     "What {verb} my {thing}?", "Your {thing} {verb} {ans}."),
-    (re.compile(r"^i have an? (?P<thing>[\w' -]{1,40}?) (?:called|named) (?P<ans>.+)$", re.I),
-     "What is my {thing} called?", "Your {thing} is called {ans}."),
-    (re.compile(r"^i (?:live|reside) in (?P<ans>.+)$", re.I), "Where do I live?", "You live in {ans}."),
-    (re.compile(r"^i work (?:as an?|as) (?P<ans>.+)$", re.I), "What do I do for a living?", "You work as {article} {ans}."),
-    (re.compile(r"^i work (?:at|for) (?P<ans>.+)$", re.I), "Where do I work?", "You work at {ans}."),
-    (re.compile(r"^i was born in (?P<ans>.+)$", re.I), "Where was I born?", "You were born in {ans}."),
-    (re.compile(r"^i grew up in (?P<ans>.+)$", re.I), "Where did I grow up?", "You grew up in {ans}."),
-    (re.compile(r"^i (?P<verb>like|love|enjoy|hate|play|drive|speak|own|study|collect) (?P<ans>.+)$", re.I),
-     "What do I {verb}?", "You {verb} {ans}."),
-    (re.compile(r"^i(?:'m| am) (?:from) (?P<ans>.+)$", re.I), "Where am I from?", "You are from {ans}."),
-    (re.compile(r"^i have (?P<ans>.+)$", re.I), "What do I have?", "You have {ans}."),
+# Each pattern: a regex on the fact (first person, no trailing punctuation); the questions it is
+# trained with; the answer sentences it is trained with (second person), each ending in words that
+# name the fact ("...your dog is called" -> "Pixel"), because the memory keys on the last two or
+# three tokens before the answer: "Your dog's name is" would end in "name is", shared by every
+# pet; and held-out questions, never trained, asked by evaluation and the benchmarks to measure
+# recall in words the training text did not use. The first question and answer are the fact's
+# probe and its plain answer. ``ans`` is the span a reply must contain.
+@dataclass(frozen=True)
+class FactPattern:
+    regex: re.Pattern
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
+def _pattern(regex: str, questions: tuple[str, ...], answers: tuple[str, ...], held_out: tuple[str, ...]) -> FactPattern:
+    return FactPattern(re.compile(regex, re.I), questions, answers, held_out)
+
+
+_PATTERNS: list[FactPattern] = [
+    _pattern(r"^my (?P<thing>[\w' -]{1,40}?) (?P<verb>is|are|was) (?:called|named) (?P<ans>.+)$",
+             ("What {verb} my {thing} called?", "What is the name of my {thing}?"),
+             ("Your {thing} {verb} called {ans}.", "The name of your {thing} is {ans}.", "Your {thing}'s name is {ans}."),
+             ("Do you remember what my {thing} is called?", "What name does my {thing} have?")),
+    _pattern(r"^my name is (?P<ans>.+)$", ("What is my name?", "What am I called?"),
+             ("Your name is {ans}.", "You are called {ans}."),
+             ("Do you know my name?", "What should you call me?")),
+    _pattern(r"^my (?P<thing>[\w' -]{1,40}?) (?P<verb>is|are|was) (?P<ans>.+)$",
+             ("What {verb} my {thing}?", "Tell me my {thing}."),
+             ("Your {thing} {verb} {ans}.",),
+             ("Do you remember my {thing}?", "Remind me, what {verb} my {thing}?")),
+    _pattern(r"^i have an? (?P<thing>[\w' -]{1,40}?) (?:called|named) (?P<ans>.+)$",
+             ("What is my {thing} called?", "What is the name of my {thing}?"),
+             ("Your {thing} is called {ans}.", "You have {article_thing} {thing} called {ans}.",
+              "You named your {thing} {ans}.", "Your {thing}'s name is {ans}."),
+             ("What did I name my {thing}?", "Do you remember my {thing}'s name?")),
+    _pattern(r"^i (?:live|reside) in (?P<ans>.+)$", ("Where do I live?", "Which city do I live in?"),
+             ("You live in {ans}.",),
+             ("Where is my home?", "Where am I living these days?")),
+    _pattern(r"^i work (?:as an?|as) (?P<ans>.+)$", ("What do I do for a living?", "What is my job?"),
+             ("You work as {article} {ans}.", "Your job is {article} {ans}."),
+             ("What's my profession?", "What kind of work do I do?")),
+    _pattern(r"^i work (?:at|for) (?P<ans>.+)$", ("Where do I work?", "Who do I work for?"),
+             ("You work at {ans}.", "Your workplace is {ans}."),
+             ("Which company employs me?", "Where is my job?")),
+    _pattern(r"^i was born in (?P<ans>.+)$", ("Where was I born?", "What is my birthplace?"),
+             ("You were born in {ans}.", "Your birthplace is {ans}."),
+             ("In which place was I born?", "Where is my place of birth?")),
+    _pattern(r"^i grew up in (?P<ans>.+)$", ("Where did I grow up?", "Where was I raised?"),
+             ("You grew up in {ans}.", "You were raised in {ans}."),
+             ("Where did I spend my childhood?", "Which place did I grow up in?")),
+    _pattern(r"^i (?P<verb>like|love|enjoy|hate|play|drive|speak|own|study|collect) (?P<ans>.+)$",
+             ("What do I {verb}?", "Tell me what I {verb}."),
+             ("You {verb} {ans}.",),
+             ("Do you remember what I {verb}?", "What is it that I {verb}?")),
+    _pattern(r"^i(?:'m| am) (?:from) (?P<ans>.+)$", ("Where am I from?", "Where do I come from?"),
+             ("You are from {ans}.", "You come from {ans}."),
+             ("Which place am I from?", "Do you remember where I'm from?")),
+    _pattern(r"^i have (?P<ans>.+)$", ("What do I have?", "Tell me what I have."),
+             ("You have {ans}.",),
+             ("Do you remember what I have?", "What is it that I have?")),
 ]
 
 
-def fact_questions(fact: str) -> list[tuple[str, str, str]]:
-    """(question, answer sentence, short answer) for a first-person fact; [] when no pattern fits."""
+def _match(fact: str) -> tuple[FactPattern, dict, str] | None:
+    """The first pattern a first-person fact matches, its fields and the short answer; None: no pattern."""
     core = fact.strip().rstrip(".!").strip()
-    for pattern, question, answer in _PATTERNS:
-        match = pattern.match(core)
+    for pattern in _PATTERNS:
+        match = pattern.regex.match(core)
         if not match:
             continue
         fields = {k: v.strip() for k, v in match.groupdict().items() if v}
         fields["thing"] = second_person(fields.get("thing", ""), capitalize=False)
         fields["article"] = "an" if fields["ans"][:1].lower() in "aeiou" else "a"
+        fields["article_thing"] = "an" if fields["thing"][:1].lower() in "aeiou" else "a"
         fields["ans"] = second_person(fields["ans"], capitalize=False)
         short = _short_answer(fields["ans"])
-        if not short:
-            continue
-        q = question.format(**fields)
-        q = q[:1].upper() + q[1:]
-        return [(q, answer.format(**fields), short)]
-    return []
+        if short:
+            return pattern, fields, short
+    return None
+
+
+def _fill(template: str, fields: dict) -> str:
+    text = template.format(**fields)
+    return text[:1].upper() + text[1:]
+
+
+def fact_questions(fact: str) -> list[tuple[str, str, str]]:
+    """(question, answer sentence, short answer) for a first-person fact; [] when no pattern fits."""
+    found = _match(fact)
+    if found is None:
+        return []
+    pattern, fields, short = found
+    return [(_fill(pattern.questions[0], fields), _fill(pattern.answers[0], fields), short)]
+
+
+def fact_training_pairs(fact: str) -> list[tuple[str, str]]:
+    """Every (question, answer sentence) a fact is trained with: each trained question with each answer."""
+    found = _match(fact)
+    if found is None:
+        return []
+    pattern, fields, _short = found
+    return [(_fill(q, fields), _fill(a, fields)) for q in pattern.questions for a in pattern.answers]
 
 
 def fact_phrasings(fact: str) -> list[list[dict]]:
@@ -152,14 +216,53 @@ def fact_phrasings(fact: str) -> list[list[dict]]:
     ]
     for question in GENERIC_QUESTIONS[:2]:
         conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": told}])
-    for question, answer, _short in fact_questions(fact):
+    pairs = fact_training_pairs(fact)
+    for question, answer in pairs:
         conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
-        conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": told}])
+    if pairs:
+        conversations.append([{"role": "user", "content": pairs[0][0]}, {"role": "assistant", "content": told}])
     return conversations
 
 
 def fact_probes(fact: str, source_id: int | None = None) -> list[Probe]:
+    """The fact's trained question (the training job's stop test asks it)."""
     return [Probe(q, short, source_id) for q, _answer, short in fact_questions(fact)]
+
+
+def held_out_probes(fact: str, source_id: int | None = None) -> list[Probe]:
+    """Questions about the fact in words its training text never uses (evaluation, benchmarks)."""
+    found = _match(fact)
+    if found is None:
+        return []
+    pattern, fields, short = found
+    return [Probe(_fill(q, fields), short, source_id, held_out=True) for q in pattern.held_out]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_NOT_ABOUT_THE_USER = re.compile(r"\b(?:you|your|yours|we|us|our)\b|\?", re.I)
+_VAGUE = {"that", "this", "it", "those", "these", "them", "one", "too", "so", "much", "all", "things", "stuff", "lot",
+          "a", "the", "to", "very", "really", "of", "fun", "good", "great", "about", "play", "do", "go"}
+
+
+def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
+    """The user's own first-person facts in a chat ("I live in Porto. What about you?" -> "I live in
+    Porto."): sentences of the user's turns (as :func:`turns_as_messages` assigns roles) that a fact
+    pattern matches, with a short answer, and that speak of no one else (no "you", "we", no question).
+    They are trained as profile facts are, so a person who never wrote a profile is remembered from
+    their chats."""
+    out: list[str] = []
+    for message in turns_as_messages(turns):
+        if message["role"] != "user":
+            continue
+        for sentence in _SENTENCE_END.split(message["content"]):
+            sentence = re.sub(r",?\s+(?:too|as well)(?=[.!]*$)", "", sentence.strip())
+            if not sentence or _NOT_ABOUT_THE_USER.search(sentence) or len(sentence.split()) > 14:
+                continue
+            found = _match(sentence)
+            if found is not None and len(found[2].split()) <= 5 and sentence not in out \
+                    and any(word.lower().strip(".,!'") not in _VAGUE for word in found[2].split()):
+                out.append(sentence)
+    return out
 
 
 # --- tokenisation -----------------------------------------------------------------------------

@@ -225,6 +225,7 @@ EVALUATION_SCHEMA: dict = {
     "memorisation": {"before": "number?", "after": "number?", "change": "number?"},
     "retention": {"base": "number?", "before": "number?", "after": "number?", "cost": "number?"},
     "recall": {"memory_on": SIDE, "memory_off": SIDE, "probes": "count"},
+    "held_out": {"memory_on": {"recall": "fraction"}, "memory_off": {"recall": "fraction"}, "probes": "count"},
 }
 WORD = re.compile(r"^[a-z_]{1,32}$")
 

@@ -99,12 +99,18 @@ def pack_rows(service: Service) -> list[list]:
     return rows
 
 
-def recall_verdict(recall: dict) -> str:
-    """'recalls 2 of 3 facts; train longer (without memory: 0)': plain words, not ratios."""
+def recall_verdict(recall: dict, held_out: dict | None = None) -> str:
+    """'recalls 2 of 3 facts; train longer (without memory: 0)': plain words, not ratios; with the
+    recall of questions in new words when the version measured it ('asked in new words: 5 of 6')."""
     count = recall["probes"]
     on, off = (round(recall[side]["recall"] * count) for side in ("memory_on", "memory_off"))
-    advice = "" if on == count else "; train longer"
-    return f"recalls {on} of {count} facts{advice} (without memory: {off})"
+    verdict = f"recalls {on} of {count} facts" + ("" if on == count else "; train longer")
+    if held_out:
+        asked = held_out["probes"]
+        new = round(held_out["memory_on"]["recall"] * asked)
+        verdict += f"; asked in new words: {new} of {asked}" + ("" if new >= 0.8 * asked or on < count else
+                                                                 ", not yet reliable: train longer")
+    return f"{verdict} (without memory: {off})"
 
 
 def version_rows(service: Service, pack: str | None) -> list[list]:
@@ -116,7 +122,7 @@ def version_rows(service: Service, pack: str | None) -> list[list]:
     for v in reversed(info["versions"]):
         ev = v["evaluation"] or {}
         mem, ret, rec = ev.get("memorisation") or {}, ev.get("retention") or {}, ev.get("recall") or {}
-        recall = recall_verdict(rec) if rec else ""
+        recall = recall_verdict(rec, ev.get("held_out")) if rec else ""
         rows.append([v["number"], "yes" if v["number"] == info["active_version"] else "", ev.get("steps", ""),
                      f"{mem['before']} -> {mem['after']}" if mem else "",
                      f"{ret['cost']:+.1%}" if ret.get("cost") is not None else "", recall, v["created"][:19]])

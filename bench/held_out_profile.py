@@ -1,0 +1,92 @@
+"""A ten-fact profile asked in new words: does memory alone recall what it was taught?
+
+The profile is trained as the app trains it (a medium pack, until its own questions are recalled
+twice in a row, ``--steps`` the cap), then asked ten hand-written questions that no training text
+uses (checked) and general controls the base model answers right, memory on and off (greedy,
+batched). Step-bounded and seeded: the result does not depend on the machine's speed.
+
+    python bench/held_out_profile.py --seed 0 [--orders 2,3,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results_table import publish  # noqa: E402
+from bench.train_recall import run_job, scratch_service  # noqa: E402
+from engram_app.training import TrainOptions, sizes  # noqa: E402
+from engram_app.training.evaluate import recalled  # noqa: E402
+from engram_app.training.text import GENERIC_QUESTIONS, Probe, fact_training_pairs  # noqa: E402
+
+FACTS = ["My dog is called Pixel.", "I have a turtle named Timothy.", "I live in Porto.", "I work as a glassblower.",
+         "My sister is called Amelia.", "I was born in Kyoto.", "My favourite colour is teal.", "I play the bassoon.",
+         "I drive a Volvo.", "I grew up in Galway."]
+ASKED = [Probe("What name did I give my dog?", "Pixel"), Probe("Do you know my turtle's name?", "Timothy"),
+         Probe("In what city is my home?", "Porto"), Probe("What's my occupation?", "glassblower"),
+         Probe("What's my sister's name?", "Amelia"), Probe("In which city was I born?", "Kyoto"),
+         Probe("Which colour do I like best?", "teal"), Probe("Which instrument do I play?", "bassoon"),
+         Probe("What car do I drive?", "Volvo"), Probe("Which town did I grow up in?", "Galway")]
+CONTROLS = [Probe("What is the capital of France?", "Paris"), Probe("How many days are in a week?", "7"),
+            Probe("What colour is the sky on a clear day?", "blue"), Probe("Write one sentence about the sea.", "sea")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="the cap on training steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--orders", default=None, help="n-gram orders of the memory, e.g. 2,3,4 (default: the preset's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    trained = {q for fact in FACTS for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
+    assert not trained & {p.prompt for p in ASKED}, "a held-out question is a training question"
+    if args.orders:
+        preset_config = sizes.SizePreset.engram_config
+        orders = tuple(int(n) for n in args.orders.split(","))
+
+        def with_orders(self):
+            config = preset_config(self)
+            config.orders = orders
+            return config
+
+        sizes.SizePreset.engram_config = with_orders
+    service, home = scratch_service(args.device)
+    profile = home / "me.md"
+    profile.write_text("# About me\n" + "".join(f"- {fact}\n" for fact in FACTS))
+    service.ingest([profile])
+    service.create_pack("me")
+    started = time.perf_counter()
+    result = run_job(service, "me", TrainOptions(max_steps=args.steps, seed=args.seed))
+    minutes = (time.perf_counter() - started) / 60
+    evaluation = result["evaluation"]
+    runtime = service.chat_runtime("me")
+    probes = ASKED + CONTROLS
+    with runtime.session():
+        on = recalled(runtime.adapted, runtime.tokenizer, probes)
+        with runtime.adapted.off():
+            off = recalled(runtime.adapted, runtime.tokenizer, probes)
+    facts, kept = len(ASKED), [i for i in range(len(ASKED), len(probes)) if off[i]]
+    cost = (evaluation.get("retention") or {}).get("cost")
+    lines = [
+        f"`python bench/held_out_profile.py --seed {args.seed} --steps {args.steps}"
+        + (f" --orders {args.orders}" if args.orders else "") + "`",
+        "",
+        "| steps to recalled | held-out recall, memory on | memory off | controls kept | retention cost | minutes |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {evaluation['steps']} ({evaluation['outcome']}) | {sum(on[:facts])}/{facts} | {sum(off[:facts])}/{facts} "
+        f"| {sum(on[i] for i in kept)}/{len(kept)} | {'' if cost is None else f'{cost:+.1%}'} | {minutes:.1f} |",
+        "",
+        *(f"- {p.prompt} ({p.answer}): memory on {'yes' if a else 'no'}, off {'yes' if b else 'no'}"
+          for p, a, b in zip(probes, on, off)),
+    ]
+    publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else ""),
+            lines)
+
+
+if __name__ == "__main__":
+    main()
