@@ -244,6 +244,9 @@ def test_anchors_are_the_base_models_own_replies_trained_with_the_facts_and_neve
     service.create_pack("plain", size="small")
     run_inline(service, "plain", max_steps=2, until_recalled=False, evaluate=False, anchors=0)
     assert not (service.packs_store().folder("plain") / "anchors.json").exists()
+    # A job queued before anchors existed (its stored options lack the field) trains without them.
+    assert TrainOptions.from_json({"max_steps": 5}).anchors == 0.0
+    assert TrainOptions.from_json(TrainOptions().to_json()).anchors == 0.25
 
 
 def test_incremental_training_keeps_what_the_first_job_taught(service, tmp_path):

@@ -65,8 +65,10 @@ class TrainOptions:
 
     @classmethod
     def from_json(cls, data: dict) -> TrainOptions:
+        """A stored job's options. A job queued before anchors existed trains without them, so that one
+        resumed from its checkpoint draws the very batches it was drawing."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{"anchors": 0.0, **{k: v for k, v in data.items() if k in known}})
 
 
 class JobQueue:

@@ -33,9 +33,9 @@ from engram_app.training.dataset import Plan, build, plan
 from engram_app.training.evaluate import (
     ANCHOR_PROMPTS,
     anchor_examples,
+    held_out_recall,
     mean_loss,
     recalled,
-    held_out_recall,
     relative,
     retention_examples,
     run_probes,
