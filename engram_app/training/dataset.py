@@ -90,23 +90,25 @@ def source_examples(db: sqlite_utils.Database, tokenizer, source_id: int, max_le
         for r in covered:
             if r["kind"] == "fact" and r["position"] not in facts_done:
                 facts_done.add(r["position"])
-                for conversation in fact_phrasings(r["text"]):
-                    examples.append(conversation_example(tokenizer, conversation, source_id, kind, max_length,
-                                                         chunk["id"]))
-                probes += fact_probes(r["text"], source_id) + held_out_probes(r["text"], source_id)
+                _add_fact(r["text"], examples, probes, tokenizer, source_id, kind, max_length, chunk["id"])
         if turns:
             examples.append(_chat(tokenizer, turns, source_id, kind, max_length, chunk["id"]))
             # The user's own first-person facts in the chat, trained (and probed) as profile facts are.
             for statement in chat_statements(turns):
                 if statement not in statements_done:
                     statements_done.add(statement)
-                    for conversation in fact_phrasings(statement):
-                        examples.append(conversation_example(tokenizer, conversation, source_id, kind, max_length,
-                                                             chunk["id"]))
-                    probes += fact_probes(statement, source_id) + held_out_probes(statement, source_id)
+                    _add_fact(statement, examples, probes, tokenizer, source_id, kind, max_length, chunk["id"])
         if texts:
             examples.append(text_example(tokenizer, chunk["text"], source_id, kind, max_length, chunk["id"]))
     return [e for e in examples if e.loss_tokens > 0], probes
+
+
+def _add_fact(fact: str, examples: list[Example], probes: list[Probe], tokenizer, source_id: int, kind: str,
+              max_length: int, chunk_id: int) -> None:
+    """A fact's phrasings as examples of ``chunk_id``, and its trained and held-out questions as probes."""
+    examples += [conversation_example(tokenizer, conversation, source_id, kind, max_length, chunk_id)
+                 for conversation in fact_phrasings(fact)]
+    probes += fact_probes(fact, source_id) + held_out_probes(fact, source_id)
 
 
 def _chat(tokenizer, turns, source_id: int, kind: str, max_length: int, chunk_id: int) -> Example:

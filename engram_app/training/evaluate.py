@@ -254,13 +254,7 @@ def retention_examples(adapted: Adapted, tokenizer, cache: Path, max_length: int
                 reply, ids = greedy_reply(adapted.model, tokenizer, prompt, max_new_tokens=48)
                 data.append({"prompt": prompt, "reply": reply, "reply_ids": ids})
         write_text(cache, json.dumps(data, indent=1))
-    out = []
-    for item in data:
-        head, tail = prompt_ids(tokenizer, item["prompt"]), item["reply_ids"]
-        if tail:
-            ids = (head + tail)[:max_length]
-            out.append(Example(ids, ([IGNORE] * len(head) + tail)[:max_length], -1, "retention"))
-    return out
+    return reply_examples(tokenizer, data, "retention", max_length)
 
 
 def anchor_examples(adapted: Adapted, tokenizer, cache: Path, count: int, max_length: int = 256) -> list[Example]:
@@ -277,12 +271,17 @@ def anchor_examples(adapted: Adapted, tokenizer, cache: Path, count: int, max_le
             replies = generate_batch(adapted.model, tokenizer, ANCHOR_PROMPTS, ANCHOR_TOKENS)
         data = [{"prompt": prompt, "reply_ids": ids} for prompt, ids in zip(ANCHOR_PROMPTS, replies)]
         write_text(cache, json.dumps(data, indent=1))
+    return reply_examples(tokenizer, data[:count], "anchor", max_length)
+
+
+def reply_examples(tokenizer, replies: list[dict], kind: str, max_length: int) -> list[Example]:
+    """A prompt and the base model's reply ids (``{"prompt", "reply_ids"}``) as examples with the loss on
+    the reply; an empty reply gives none."""
     out = []
-    for item in data[:count]:
+    for item in replies:
         head, tail = prompt_ids(tokenizer, item["prompt"]), item["reply_ids"]
         if tail:
-            ids = (head + tail)[:max_length]
-            out.append(Example(ids, ([IGNORE] * len(head) + tail)[:max_length], -1, "anchor"))
+            out.append(Example((head + tail)[:max_length], ([IGNORE] * len(head) + tail)[:max_length], -1, kind))
     return out
 
 
