@@ -570,9 +570,9 @@ def test_an_archive_declaring_more_files_than_the_limit_is_refused_before_its_di
 def test_the_timestamp_migration_carries_an_existing_database_over(tmp_path, monkeypatch, tokenizer, embedder):
     import engram_app.store.migrations as migrations
 
-    mine = migrations.MIGRATIONS.index(migrations.m006_record_timestamps)
     with monkeypatch.context() as patch:  # the database as the previous version left it, with a chat in it
-        patch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:mine])
+        patch.setattr("engram_app.store.db.migrate",
+                      lambda db: migrations.migrate(db, stop_before="m006_record_timestamps"))
         db = open_db(tmp_path)
     assert "timestamp" not in db["records"].columns_dict
     db["collections"].insert({"id": 1, "name": "default", "created": "2024-01-01T00:00:00Z"})
@@ -598,6 +598,6 @@ def test_the_timestamp_migration_leaves_a_records_table_that_has_the_column(tmp_
     import engram_app.store.migrations as migrations
 
     db = open_db(tmp_path)
-    db.execute("delete from _migrations where name = 'm006_record_timestamps'")
+    db.execute("delete from _sqlite_migrations where name = 'm006_record_timestamps'")
     assert migrations.migrate(db) == ["m006_record_timestamps"]
     assert list(db["records"].columns_dict).count("timestamp") == 1

@@ -348,7 +348,7 @@ def test_the_upgrade_keeps_the_first_of_duplicate_ready_sources_and_the_index_re
     db = open_db(home)
     # The database as it was before m005, with a file imported twice by two imports at once.
     db.execute("drop index sources_one_ready_per_file")
-    db.execute("delete from _migrations where name = 'm005_one_ready_source_per_file'")
+    db.execute("delete from _sqlite_migrations where name = 'm005_one_ready_source_per_file'")
     library = Library(db, home, tokenizer, embedder)
     write(tmp_path / "in", {"notes.txt": DIARY, "other.txt": b"Another note about the pond.\n"})
     first = library.ingest([tmp_path / "in" / "notes.txt"])[0].source

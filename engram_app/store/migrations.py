@@ -1,48 +1,81 @@
 """The database schema, grown by small numbered migrations (the way Simon Willison's ``llm`` does).
 
-Each migration is a function registered with :func:`migration`; they run once each, in order,
-at start-up, and the names of those applied are kept in the ``_migrations`` table. To change the
-schema, add a new function at the end: never edit one that has shipped.
+The migrations are sqlite-utils' own :class:`~sqlite_utils.migrations.Migrations` set named
+``engram``: each function registered with ``@MIGRATIONS()`` runs once, in order, at start-up,
+and the names of those applied are kept in sqlite-utils' ``_sqlite_migrations`` table. To
+change the schema, add a new function at the end: never edit one that has shipped.
+
+Databases made before the app used sqlite-utils' bookkeeping kept the names in a table of their
+own, ``_migrations``; :func:`migrate` moves those names over once (see :func:`_carry_over`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import sqlite_utils
+from sqlite_utils.migrations import Migrations
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
-
-
-def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
-    MIGRATIONS.append(fn)
-    return fn
+MIGRATIONS = Migrations("engram")
+LEGACY_TABLE = "_migrations"  # the bookkeeping of the app's own registry, before sqlite-utils'
 
 
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply the migrations not applied yet; returns their names."""
-    db["_migrations"].create({"name": str, "applied": str}, pk="name", if_not_exists=True)
-    done = {row["name"] for row in db["_migrations"].rows}
-    applied = []
-    for fn in MIGRATIONS:
-        if fn.__name__ in done:
-            continue
-        with db.atomic():
-            # Two processes starting on a new data root at once: the other may have applied it
-            # since ``done`` was read; under the write lock that is certain either way.
-            if db.execute("select 1 from _migrations where name = ?", [fn.__name__]).fetchone():
-                continue
-            fn(db)
-            db["_migrations"].insert({"name": fn.__name__, "applied": _now(db)})
-        applied.append(fn.__name__)
-    return applied
+def migrate(db: sqlite_utils.Database, stop_before: str | None = None) -> list[str]:
+    """Apply the migrations not applied yet (those before ``stop_before`` when given); returns their names.
+
+    ``stop_before`` (sqlite-utils' own option) leaves a database as an earlier version of the
+    app left it: the tests of a migration that carries old data over start from there.
+
+    sqlite-utils reads what is pending before it takes any lock, so two processes starting on a
+    new data root at once would both run ``m001`` (the second failing on a table that exists).
+    Here the whole step runs in one transaction that takes the write lock first (the app's
+    ``Database.atomic()`` begins ``IMMEDIATE``), so what is pending is read by one process at a
+    time and the other finds it done. Each migration is a savepoint in it, with its record; if
+    one fails, the step is rolled back whole and the database stays as the previous start left
+    it. A database with nothing to do never takes the lock. (A migration registered with
+    ``transactional=False``, such as a ``VACUUM``, could not run in here: none is.)
+    """
+    if not db[LEGACY_TABLE].exists() and not MIGRATIONS.pending(db):
+        return []
+    with db.atomic():
+        _carry_over(db)
+        pending = [m.name for m in MIGRATIONS.pending(db)]
+        MIGRATIONS.apply(db, stop_before=stop_before)
+    return pending[:pending.index(stop_before)] if stop_before in pending else pending
+
+
+def applied(db: sqlite_utils.Database) -> list[str]:
+    """The names of the migrations applied to ``db``, in the order they ran."""
+    return [m.name for m in MIGRATIONS.applied(db)]
+
+
+def registered() -> list[str]:
+    """The names of every migration of the app, in order (what a database fully migrated has applied)."""
+    return [m.name for m in MIGRATIONS.pending(sqlite_utils.Database(memory=True))]
+
+
+def _carry_over(db: sqlite_utils.Database) -> None:
+    """Record the names in a legacy ``_migrations`` table as applied in sqlite-utils' table, then drop it.
+
+    So that an existing database runs none of its migrations again, and keeps one record of
+    them. Runs inside :func:`migrate`'s transaction: a concurrent opener finds either the old
+    table or the new records, never half of each. The time each was applied is kept.
+    """
+    if not db[LEGACY_TABLE].exists():
+        return
+    MIGRATIONS.ensure_migrations_table(db)
+    done = set(applied(db))
+    legacy = db.execute(f"select name, applied from {LEGACY_TABLE} order by applied, rowid").fetchall()
+    for name, stamp in legacy:
+        if name not in done:
+            db[Migrations.migrations_table].insert({"migration_set": MIGRATIONS.name, "name": name,
+                                                    "applied_at": stamp})
+    db[LEGACY_TABLE].drop()
 
 
 def _now(db: sqlite_utils.Database) -> str:
     return db.execute("select strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
 
 
-@migration
+@MIGRATIONS()
 def m001_library(db: sqlite_utils.Database) -> None:
     """Collections, sources, their parsed records, chunks and chunk embeddings."""
     db["collections"].create({"id": int, "name": str, "created": str}, pk="id")
@@ -100,7 +133,7 @@ def m001_library(db: sqlite_utils.Database) -> None:
     )
 
 
-@migration
+@MIGRATIONS()
 def m002_packs_jobs_chats(db: sqlite_utils.Database) -> None:
     """Memory packs and versions, training jobs and metrics, conversations and messages.
 
@@ -143,7 +176,7 @@ def m002_packs_jobs_chats(db: sqlite_utils.Database) -> None:
     db["messages"].create_index(["conversation_id", "id"])
 
 
-@migration
+@MIGRATIONS()
 def m003_job_control(db: sqlite_utils.Database) -> None:
     """Cooperative cancel, a log per job, and the kind of each job (train or evaluate)."""
     db["jobs"].add_column("cancel_requested", int, not_null_default=0)
@@ -156,13 +189,13 @@ def m003_job_control(db: sqlite_utils.Database) -> None:
     db["job_logs"].create_index(["job_id", "id"])
 
 
-@migration
+@MIGRATIONS()
 def m004_job_attempts(db: sqlite_utils.Database) -> None:
     """How many times a worker picked each job up: a job that keeps killing its worker is given up."""
     db["jobs"].add_column("attempts", int, not_null_default=0)
 
 
-@migration
+@MIGRATIONS()
 def m005_one_ready_source_per_file(db: sqlite_utils.Database) -> None:
     """At most one ready source per file content and collection, enforced by a unique index.
 
@@ -190,7 +223,7 @@ def m005_one_ready_source_per_file(db: sqlite_utils.Database) -> None:
                "where status = 'ready'")
 
 
-@migration
+@MIGRATIONS()
 def m006_record_timestamps(db: sqlite_utils.Database) -> None:
     """When each chat message was written (ISO 8601), as chat exports give it: a column of records.
 

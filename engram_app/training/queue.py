@@ -159,7 +159,8 @@ class JobQueue:
             for row in rows:
                 reason = (f"The worker stopped {row['attempts']} times while running this job (it crashed or was "
                           "killed, for example for lack of memory), so the job was given up. See worker.log in the "
-                          "data folder, then train again (a smaller batch size or max length needs less memory).")
+                          "data folder (worker.log.1 if it was rotated since), then train again (a smaller batch "
+                          "size or max length needs less memory).")
                 self.db.execute("update jobs set status = 'failed', error = ?, finished = ? where id = ?",
                                 [reason, now(), row["id"]])
                 self.db["job_logs"].insert({"job_id": row["id"], "level": "error", "message": reason,

@@ -23,6 +23,10 @@ stop; the pack keeps its previous version). Its evaluation and save are never cu
 Each job a worker picks up counts an attempt (queue.py); a job that took down ``MAX_ATTEMPTS``
 workers is marked failed instead of being resumed again, and the queue moves on. When a worker
 starts it removes the job folders (checkpoints) that a hard stop or a crash left behind.
+
+On a GPU the chat (another process) may hold the card's memory: before a job loads its model
+there, the worker checks the free memory against what the job needs (gpu_share.py) and, short
+of it, waits (the job log says ``waiting for GPU memory: chat holds ...``) or trains on the CPU.
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 from engram_app.atomic import write_text
 from engram_app.errors import EngramError
+from engram_app.gpu_share import (CPU, GPU_POLL_SECONDS, GPU_WAIT_SECONDS, PROCEED, GpuMemory, gpu_memory,
+                                  job_training_need, place_training)
 from engram_app.settings import Settings
 from engram_app.store import open_db
 from engram_app.store.db import now
@@ -57,6 +64,9 @@ INFO_NAME = "worker.json"
 BEAT_SECONDS = 1.0
 GRACE_SECONDS = 30.0
 PROBE_WAIT_SECONDS = 2.0  # far more than a probe holds worker.alive; only a live worker holds it longer
+LOG_NAME = "worker.log"  # the started worker's stdout and stderr
+LOG_MAX_BYTES = 5 * 2**20  # past this when a worker starts, the log is rotated
+LOG_BACKUPS = 3  # worker.log.1 (the newest) to worker.log.3 kept
 
 
 def worker_alive(home: Path) -> bool:
@@ -161,7 +171,9 @@ def start_worker(settings: Settings, idle_exit: float | None = 300.0) -> int | N
             command += ["--model", settings.model]
         if idle_exit is not None:
             command += ["--idle-exit", str(idle_exit)]
-        with open(settings.home / "worker.log", "ab") as out:
+        log_path = settings.home / LOG_NAME
+        rotate_log(log_path, LOG_MAX_BYTES, LOG_BACKUPS)
+        with open(log_path, "ab") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, pass_fds=(lock_fd, alive_fd),
                                     cwd=Path(__file__).resolve().parents[2])
@@ -170,10 +182,42 @@ def start_worker(settings: Settings, idle_exit: float | None = 300.0) -> int | N
         locks.release()  # the child's copies of the descriptors keep the locks
 
 
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> bool:
+    """Rotate the worker's log when it is over ``max_bytes``; returns whether it did.
+
+    The worker writes its log through its stdout and stderr (so that a crash's traceback, a
+    warning from a library or a message from native code land there too), a descriptor a
+    logging handler cannot reopen; so the log is rotated when a worker is started, not while it
+    runs: ``worker.log`` becomes ``worker.log.1``, ``.1`` becomes ``.2`` ..., the oldest beyond
+    ``backups`` is removed, with the naming of :class:`~logging.handlers.RotatingFileHandler`,
+    whose rollover does it. Only a starter holding the worker's locks calls this, so no worker
+    is writing to the file meanwhile. One worker's life is not cut short: a log grows past the
+    limit by what one worker writes at most.
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, delay=True)
+    try:
+        handler.doRollover()
+    finally:
+        handler.close()
+    log.info("Rotated %s (over %d bytes): the previous output is in %s.1", path, max_bytes, path.name)
+    return True
+
+
 class Worker:
     def __init__(self, settings: Settings, idle_exit: float | None = None, grace_seconds: float = GRACE_SECONDS,
-                 lock_fd: int | None = None, alive_fd: int | None = None):
+                 lock_fd: int | None = None, alive_fd: int | None = None,
+                 gpu_probe: Callable[[], GpuMemory | None] = gpu_memory, gpu_wait_seconds: float = GPU_WAIT_SECONDS,
+                 gpu_poll_seconds: float = GPU_POLL_SECONDS):
+        """``gpu_probe``: the GPU's free and total memory (None: no GPU), checked before a job loads its model;
+        a job short of it waits up to ``gpu_wait_seconds`` (polling every ``gpu_poll_seconds``), then trains
+        on the CPU."""
         self.settings, self.idle_exit, self.grace = settings, idle_exit, grace_seconds
+        self.gpu_probe, self.gpu_wait, self.gpu_poll = gpu_probe, gpu_wait_seconds, gpu_poll_seconds
         # descriptors of the lock files, already locked by the process that started us
         self.lock_fd, self.alive_fd = lock_fd, alive_fd
         self.home = settings.home
@@ -289,9 +333,15 @@ class Worker:
         self._cancel_clock = None
         if job["cancel_requested"]:
             self._cancel.set()
-        runner = JobRunner(self.settings, db, job, should_stop=lambda: self._cancel.is_set() or self._stop.is_set(),
+        self._job_id = job["id"]  # heartbeats and cancels reach the job while it waits for GPU memory too
+        settings = self._job_settings(queue, db, job)
+        if settings is None:  # the worker is stopping while the job waited: the next worker takes it up
+            self._job_id = None
+            queue.hand_back(job["id"])
+            return
+        runner = JobRunner(settings, db, job, should_stop=lambda: self._cancel.is_set() or self._stop.is_set(),
                            shutting_down=lambda: self._stop.is_set() and not self._cancel.is_set())
-        self._runner, self._job_id = runner, job["id"]
+        self._runner = runner
         try:
             result = runner.run()
             if result["outcome"] == "interrupted":
@@ -307,3 +357,37 @@ class Worker:
         finally:
             self._job_id = None
             self._runner = None
+
+    def _job_settings(self, queue: JobQueue, db, job: dict) -> Settings | None:
+        """The settings ``job`` trains with: the worker's own, or the CPU's when the GPU is short of memory
+        for it (after waiting for the chat to free some, see gpu_share.py); None: the worker is stopping."""
+        memory = self.gpu_probe() if self.settings.device != "cpu" else None
+        if memory is None:
+            return self.settings
+        try:
+            need = job_training_need(db, self.home, self.settings.models_dir, job)
+        except Exception:  # noqa: BLE001 - a missing pack or model fails in the job itself, with its reason
+            log.exception("job %s: could not tell what GPU memory it needs", job["id"])
+            need = None
+        if need is None:
+            return self.settings
+        started, waited = time.monotonic(), False
+        while True:
+            placement = place_training(need, memory, time.monotonic() - started, self.gpu_wait)
+            if placement.action == PROCEED:
+                if waited:
+                    queue.log(job["id"], placement.message)
+                return self.settings
+            if placement.action == CPU:
+                queue.log(job["id"], placement.message, "warning")
+                return replace(self.settings, device="cpu")
+            if self._cancel.is_set():  # stopping needs no GPU: the job ends (and keeps what it learned) on the CPU
+                queue.log(job["id"], "cancelled while waiting for GPU memory: stopping on the CPU", "warning")
+                return replace(self.settings, device="cpu")
+            if not waited:
+                log.info("job %s: %s", job["id"], placement.message)
+                queue.log(job["id"], placement.message, "warning")
+                waited = True
+            if self._stop.wait(self.gpu_poll):
+                return None
+            memory = self.gpu_probe() or memory
