@@ -7,6 +7,7 @@ test data root holding the converted bundled model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -403,3 +404,82 @@ def test_the_password_option_keeps_the_app_closed_without_it(tiny_model_dir, tmp
             assert client.post("login", data={"username": "me", "password": "correct horse"}).status_code == 200
             assert client.get("config").status_code == 200
     assert "correct horse" not in (tmp_path / "app.log").read_text()
+
+
+
+def remember_in_library(page, text: str) -> str:
+    """Type ``text`` into "Remember this" on the Library tab; the id of its source."""
+    page.fill("#library-remember-text textarea", text)
+    page.click("#library-remember")
+    page.wait_for_function("() => document.querySelector('#library-remember-text textarea')?.value === ''",
+                           timeout=60_000)  # emptied once the text is added
+    assert re.search(r"typed text\s+added", page.locator("#library-results").inner_text())
+    return re.search(r"source (\d+)", page.locator("#library-results").inner_text()).group(1)
+
+
+def open_row(page, table: str, has_text: str, column: int = 1) -> None:
+    """Select a cell of the first row of a Dataframe that holds ``has_text`` (a string or a pattern)."""
+    row = page.locator(f"{table} [role=row][data-index]", has_text=has_text).first
+    row.wait_for(timeout=30_000)
+    row.locator("[role=gridcell]").nth(column).click()
+
+
+def wait_for_opened(page, source: str, text: str) -> None:
+    page.wait_for_function(f"() => document.querySelector('#library-source-id input')?.value === '{source}' && "
+                           "(document.querySelector('#library-content textarea')?.value || '')"
+                           f".includes({json.dumps(text)})", timeout=30_000)
+
+
+def test_the_library_tab_searches_by_meaning_opens_selected_rows_and_renames_and_exports_a_conversation(
+        tiny_app, browser):
+    """Remember facts, find one by meaning, open sources by selecting rows (search results and sources
+    table), and rename and export (JSON and Markdown) a conversation kept from chat."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(tiny_app)
+    page.wait_for_selector("#status :text('loaded in')", timeout=60_000)
+    question = "Where is the spare key to the shed?"
+    ask(page, question, memory=False)  # a conversation of this test's own (the whole flow's may be there too)
+
+    page.get_by_role("tab", name="Library").click()
+    cat = remember_in_library(page, "My cat is called Miso.")
+    basil = remember_in_library(page, "Water the basil on the balcony every morning before work.")
+
+    # Search by meaning: the fact about the cat comes first; selecting it opens its source.
+    page.fill("#library-search textarea, #library-search input", "What is my cat called?")
+    page.click("#library-search-run")
+    open_row(page, "#library-search-results", "Miso", column=3)
+    first = page.locator("#library-search-results [data-testid=cell-0-3]").inner_text()
+    assert first == "My cat is called Miso.", first  # the passage closest in meaning comes first
+    wait_for_opened(page, cat, "My cat is called Miso.")
+
+    # Selecting a row of the sources table opens that source (and the id box follows it, for Delete).
+    row = page.locator("#library-sources [role=row][data-index]").filter(
+        has=page.locator("[data-col='0']", has_text=re.compile(f"^\\s*{basil}\\s*$"))).first
+    row.locator("[role=gridcell]").nth(1).click()
+    wait_for_opened(page, basil, "Water the basil on the balcony")
+
+    # The conversation from chat: listed, renamed (here and in the Chat tab's list), exported.
+    open_row(page, "#library-conversations", question)
+    page.wait_for_function("() => (document.querySelector('#library-conversation-text textarea')?.value || '')"
+                           f".startsWith({json.dumps('User: ' + question)})", timeout=30_000)
+    title = "The shed <b>key</b>"
+    page.fill("#library-conversation-title textarea, #library-conversation-title input", title)
+    page.click("#library-conversation-rename")
+    page.wait_for_function(f"() => {text_of('#library-conversations')}.includes({json.dumps(title)})", timeout=30_000)
+    page.wait_for_selector(".toast-body", timeout=10_000)
+    assert "The shed <b>key</b>" in page.locator(".toast-body").last.inner_text()
+    assert page.locator("#library-conversations b, .toast-body b").count() == 0  # a title is text, never HTML
+    exported = {}
+    for button, suffix in (("#library-conversation-json", ".json"), ("#library-conversation-markdown", ".md")):
+        page.click(button)
+        link = page.locator(f"#library-conversation-file a[href*='{suffix}']").first
+        link.wait_for(timeout=30_000)
+        exported[suffix] = page.request.get(link.get_attribute("href")).body().decode("utf-8")
+    data = json.loads(exported[".json"])
+    assert data["title"] == title and [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert data["messages"][0]["content"] == question
+    assert exported[".md"].startswith(f"# {title}\n") and f"**User**:\n\n{question}\n" in exported[".md"]
+    shot(page, "tiny-library-tab")
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#chat-conversations input")
+    page.locator("ul[role=listbox] li", has_text=title).first.wait_for(timeout=30_000)

@@ -270,3 +270,16 @@ def test_an_existing_data_root_open_to_others_is_tightened(tmp_path):
     Settings(home=home).ensure_home()
     assert (mode(home), mode(home / "engram.db"), mode(home / "worker.log")) == (0o700, 0o600, 0o600)
     assert mode(home / "notes.txt") == 0o644  # not the app's: left alone
+
+
+def test_an_error_popup_shows_a_file_name_or_typed_text_as_text_not_html():
+    """Gradio's pop-ups render their message as HTML; the service's refusals quote names a user chose
+    (a file, a model path), so they reach the page escaped."""
+    import gradio as gr
+
+    from engram_app.ui.errors import user_errors
+
+    with pytest.raises(gr.Error) as raised:
+        with user_errors():
+            raise EngramError("Model '<img src=x onerror=alert(1)>' not found.")
+    assert raised.value.message == "Model '&lt;img src=x onerror=alert(1)&gt;' not found."

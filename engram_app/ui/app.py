@@ -14,7 +14,7 @@ from engram_app.service import Service
 from engram_app.settings import DEFAULT_HOST, Settings
 from engram_app.ui.chat_tab import build_chat_tab, refresh_chat_choices
 from engram_app.ui.inspect_tab import InspectTab, build_inspect_tab, inspect_reply, refresh_inspect_choices
-from engram_app.ui.library_tab import build_library_tab, source_rows
+from engram_app.ui.library_tab import build_library_tab, conversation_rows, source_rows
 from engram_app.ui.security import CACHE_CLEANUP, HostPolicy, guard_middleware, web_cache
 from engram_app.ui.train_tab import build_train_tab, refresh_packs
 
@@ -70,7 +70,7 @@ def build_app(service: Service) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat-tab") as chat_page:
                 chat = build_chat_tab(service)
-            with gr.Tab("Library", id="library-tab"):
+            with gr.Tab("Library", id="library-tab") as library_page:
                 library = build_library_tab(service)
             with gr.Tab("Memory & training", id="train-tab"):
                 train = build_train_tab(service)
@@ -83,6 +83,9 @@ def build_app(service: Service) -> gr.Blocks:
         # reload, or a change made from the CLI, shows what is there now.
         app.load(partial(source_rows, service), [library.query, library.status], library.sources,
                  api_visibility="private")
+        refresh_conversations = partial(conversation_rows, service)  # chats made since show when the tab opens
+        app.load(refresh_conversations, None, library.conversations, api_visibility="private")
+        library_page.select(refresh_conversations, None, library.conversations, api_visibility="private")
         app.load(partial(refresh_packs, service, train), train.pack, [train.packs_table, train.pack],
                  api_visibility="private")
         refresh_chat = partial(refresh_chat_choices, service, chat)

@@ -13,6 +13,7 @@ from functools import partial
 
 import gradio as gr
 
+from engram_app.errors import EngramError
 from engram_app.inference import GenerationOptions
 from engram_app.service import Service
 from engram_app.ui.errors import user_errors
@@ -79,6 +80,15 @@ def refresh_chat_choices(service: Service, tab: ChatTab, current_pack: str | Non
             tab.conversations: gr.update(choices=conversation_choices(service))}
 
 
+def conversation_exists(service: Service, conversation: int) -> bool:
+    """Whether a conversation is still kept (the Library tab can delete the one open here)."""
+    try:
+        service.conversation_info(conversation)
+    except EngramError:
+        return False
+    return True
+
+
 def send_message(service: Service, tab: ChatTab, text: str, history: list[dict], conversation: int | None,
                  pack: str | None, memory_on: bool, retrieval: float, max_new_tokens: float, temperature: float,
                  top_p: float) -> Iterator[dict]:
@@ -91,6 +101,10 @@ def send_message(service: Service, tab: ChatTab, text: str, history: list[dict],
     if not text:
         yield typing
         return
+    if conversation is not None and not conversation_exists(service, conversation):
+        gr.Info(f"Conversation {conversation} was deleted (in the Library tab): this message starts a new one.")
+        conversation, history = None, []
+        typing = {**typing, tab.chatbot: history, tab.conversation: None}
     history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
     yield {**typing, tab.chatbot: history}
     with user_errors():
