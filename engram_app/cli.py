@@ -232,22 +232,33 @@ def ingest(settings: Settings, paths: tuple[Path, ...], kind: str, collection: s
 
     Each file is reported as added, duplicate or failed (with the reason).
     """
+    from engram_app import cli_progress
     from engram_app.service import Service
 
     settings.max_upload_bytes = int(max_size * 2**20)
     service = Service(settings)
+    bar = cli_progress.ImportBar(paths) if not as_json and cli_progress.stderr_is_terminal() else None
+    echo = bar.write if bar else click.echo
 
     def report(count: int, result) -> None:
         if as_json:
             return
+        if bar:
+            bar.advance(result)
         detail = {
             "added": f"{result.kind}/{result.format}, {result.records} records, {result.chunks} chunks (source {result.source})",
             "duplicate": f"already imported as source {result.source}",
             "failed": result.reason,
         }[result.status]
-        click.echo(f"{result.status:9} {result.path}: {detail}")
+        echo(f"{result.status:9} {result.path}: {detail}")
+        for warning in result.warnings:  # under its file's line
+            echo(f"{'':9} warning: {warning}")
 
-    results = service.ingest(list(paths), kind=kind, collection=collection, progress=report)
+    try:
+        results = service.ingest(list(paths), kind=kind, collection=collection, progress=report)
+    finally:
+        if bar:
+            bar.close()
     counts = {s: sum(r.status == s for r in results) for s in ("added", "duplicate", "failed")}
     if as_json:
         click.echo(json.dumps({"results": [r.to_json() for r in results], **counts}, ensure_ascii=False))
@@ -376,6 +387,54 @@ def conversations(settings: Settings, limit: int, as_json: bool) -> None:
     click.echo(f"{len(rows)} conversations")
 
 
+@cli.group()
+def conversation() -> None:
+    """Rename, delete or export one conversation kept from chat (`conversations` lists them)."""
+
+
+@conversation.command("rename")
+@settings_options
+@click.argument("conversation_id", type=int)
+@click.argument("title")
+def conversation_rename(settings: Settings, conversation_id: int, title: str) -> None:
+    """Give conversation CONVERSATION_ID the title TITLE."""
+    from engram_app.service import Service
+
+    info = Service(settings).rename_conversation(conversation_id, title)
+    click.echo(f"Conversation {info['id']} renamed: {info['title']}")
+
+
+@conversation.command("delete")
+@settings_options
+@click.argument("conversation_id", type=int)
+def conversation_delete(settings: Settings, conversation_id: int) -> None:
+    """Delete a conversation with its messages and their memory traces."""
+    from engram_app.service import Service
+
+    info = Service(settings).delete_conversation(conversation_id)
+    click.echo(f"Deleted conversation {info['id']} ({info['title']}) and its {info['messages']} messages.")
+
+
+@conversation.command("export")
+@settings_options
+@click.argument("conversation_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", show_default=True,
+              help='json: {"id", "title", "created", "pack", "messages": [{"role", "content", "pack", "version", '
+                   '"created"}]}. markdown: each turn under its speaker.')
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The file to write (default: print it).")
+def conversation_export(settings: Settings, conversation_id: int, fmt: str, output: Path | None) -> None:
+    """Export a conversation's turns, in order, as JSON or Markdown."""
+    from engram_app.service import Service
+
+    text = Service(settings).export_conversation(conversation_id, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"Wrote {output}")
+
+
 # --- memory packs and training ---------------------------------------------------------------
 
 
@@ -425,6 +484,50 @@ def pack_create(settings: Settings, name: str, size: str, collections: tuple[str
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
         click.echo(f"Created pack {info['name']} ({info['mode']}, {info['preset']}, base {info['base_model']}).")
+
+
+@pack.command("migrate")
+@settings_options
+@click.argument("name")
+@click.option("--name", "new_name", default=None, help="The new pack's name (default: NAME-on-<model>).")
+@click.option("--size", type=LazyChoice(preset_names), default=None, help="Size preset (default: NAME's).")
+@click.option("--mode", type=LazyChoice(pack_modes), default=None, help="What trains (default: NAME's).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (default: from the epochs).")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this many minutes of training.")
+@click.option("--until-recalled/--no-until-recalled", default=True, show_default=True,
+              help="Stop as soon as the facts are recalled (checked every 10 steps).")
+@click.option("--wait", is_flag=True, help="Wait for the job and its comparison (starting a worker if none runs).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"pack", "job", "migration": {"from", "to", "sources", ..., "comparison"}}.')
+def pack_migrate(settings: Settings, name: str, new_name: str | None, size: str | None, mode: str | None,
+                 max_steps: int | None, max_minutes: float | None, until_recalled: bool, wait: bool,
+                 as_json: bool) -> None:
+    """Move pack NAME to the base model --model: a new pack learns the sources NAME learned (a training job),
+    and its evaluation compares both packs' recall of the same facts."""
+    from engram_app.service import Service
+    from engram_app.training import TrainOptions
+    from engram_app.training.migrate import comparison_text
+
+    given = {"max_steps": max_steps, "max_minutes": max_minutes}
+    options = TrainOptions(**{k: v for k, v in given.items() if v is not None}, until_recalled=until_recalled)
+    service = Service(settings)
+    moved = service.migrate_pack(name, settings.model, new_name, size, mode, options)
+    new, job = moved["pack"]["name"], moved["job"]
+    if wait:
+        if not as_json:
+            click.echo(f"Pack {new} created; waiting for job {job['id']} (Ctrl-C stops waiting, not the job).", err=True)
+        job = service.job(service.wait(job["id"])["id"])
+    if as_json:
+        click.echo(json.dumps({"pack": service.pack(new), "job": job, "migration": service.migration(new)},
+                              ensure_ascii=False))
+    else:
+        click.echo(f"Created pack {new} on {moved['pack']['base_model']} from {name}: job {job['id']} "
+                   f"{job['status']} (follow it with `job {job['id']}`).")
+        comparison = (service.migration(new) or {}).get("comparison")
+        if comparison:
+            click.echo(f"  {comparison_text(comparison)}")
+    if wait and job["status"] == "failed":
+        sys.exit(1)
 
 
 @pack.command("export")
@@ -514,6 +617,7 @@ def train(settings: Settings, pack_name: str, max_steps: int | None, max_minutes
           lr: float | None, batch_size: int | None, full: bool, no_eval: bool, until_recalled: bool, wait: bool,
           as_json: bool) -> None:
     """Queue a training job for a pack: it learns the sources it has not learned yet."""
+    from engram_app import cli_progress
     from engram_app.service import Service
     from engram_app.training import TrainOptions
 
@@ -531,17 +635,25 @@ def train(settings: Settings, pack_name: str, max_steps: int | None, max_minutes
     if not as_json:
         click.echo(f"Job {job['id']} queued; waiting for it (Ctrl-C stops waiting, not the job).", err=True)
     seen = {"step": -1}
+    bar = cli_progress.StepBar(job["id"]) if not as_json and cli_progress.stderr_is_terminal() else None
 
     def show(view: dict) -> None:
         if as_json or view["step"] == seen["step"] or not view["total_steps"]:
             return
         seen["step"] = view["step"]
         latest = service.job(view["id"])["latest"]
+        if bar:
+            bar.show(view["step"], view["total_steps"], latest)
+            return
         loss = f" loss {latest['loss']:.3f}" if "loss" in latest else ""
         eta = f", {latest['eta']:.0f} s left" if latest.get("eta") is not None else ""
         click.echo(f"step {view['step']}/{view['total_steps']}{loss}{eta}", err=True)
 
-    final = service.wait(job["id"], on_update=show)
+    try:
+        final = service.wait(job["id"], on_update=show)
+    finally:
+        if bar:
+            bar.close()
     if as_json:
         click.echo(json.dumps(service.job(final["id"]), ensure_ascii=False))
     else:

@@ -13,16 +13,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from engram_app.gpu_share import chat_device
 from engram_app.inference import GenerationOptions, Message, Runtime, inspection
 from engram_app.inference.chat import ChatResult, ChatStream, chat_turn
 from engram_app.inference.pools import Pools, describe
 from engram_app.inference.report import inspect_report
 from engram_app.ingest import ImportResult, Library
-from engram_app.models import load_base_model, load_tokenizer
+from engram_app.models import converted_models, load_base_model, load_tokenizer
 from engram_app.settings import Settings, resolve_device
 from engram_app.store import ConversationStore, open_db
 from engram_app.training import JobQueue, PackStore, TrainOptions, transfer
+from engram_app.training import migrate
 from engram_app.training.evaluate import evaluate_runtime
+from engram_app.training.model_needs import model_needs
 from engram_app.training.provenance import Provenance
 from engram_app.training.queue import submit_training
 from engram_app.training.runner import training_plan
@@ -55,7 +58,9 @@ class Service:
 
     def _load_base(self, base_id: str | None):
         self.settings.ensure_home()
-        return load_base_model(base_id, self.settings.models_dir, resolve_device(self.settings.device))
+        # On a GPU short of memory (the training worker holds it) the chat loads on the CPU, and says why.
+        device = chat_device(resolve_device(self.settings.device), base_id, self.settings.models_dir)
+        return load_base_model(base_id, self.settings.models_dir, device)
 
     @property
     def runtime(self) -> Runtime:
@@ -120,6 +125,21 @@ class Service:
     def replies(self, limit: int = 30) -> list[dict]:
         """Recent replies that carry a memory trace (the ones Inspect can show), newest first."""
         return self.conversations_store().traced_replies(limit)
+
+    def conversation_info(self, conversation: int) -> dict:
+        """One conversation as :meth:`conversations` lists it (id, title, created, pack, messages)."""
+        return self.conversations_store().get(conversation)
+
+    def rename_conversation(self, conversation: int, title: str) -> dict:
+        return self.conversations_store().rename(conversation, title)
+
+    def delete_conversation(self, conversation: int) -> dict:
+        """Delete a conversation, its messages and their traces (other replies stay inspectable)."""
+        return self.conversations_store().delete(conversation)
+
+    def export_conversation(self, conversation: int, format: str = "json") -> str:
+        """A conversation's turns in order as ``json`` or ``markdown`` text (store/conversations.py)."""
+        return self.conversations_store().export(conversation, format)
 
     # --- library (ingest/) ----------------------------------------------------------------
 
@@ -211,6 +231,27 @@ class Service:
     def create_pack(self, name: str, model: str | None = None, size: str = "medium",
                     collections: Sequence[str] = (), mode: str = "engram") -> dict:
         return self.packs_store().create(name, model or self.settings.model, size, list(collections), mode)
+
+    def migrate_pack(self, name: str, model: str | None, new_name: str | None = None, size: str | None = None,
+                     mode: str | None = None, options: TrainOptions | None = None, start_worker: bool = True) -> dict:
+        """A pack on ``model`` learning what pack ``name`` learned, its job queued; once trained, its version's
+        evaluation compares both packs' recall on the same probes (training/migrate.py)."""
+        moved = migrate.migrate_pack(self.db(), self.packs_store(), name, model, new_name, size, mode, options)
+        if start_worker:
+            self.ensure_worker()
+        return {**moved, "job": self.job(moved["job_id"])}
+
+    def migration(self, name: str) -> dict | None:
+        """Where pack ``name`` was moved from and, once its job evaluated, the comparison (None: not moved)."""
+        return migrate.migration_report(self.packs_store(), name)
+
+    def converted_models(self) -> list:
+        """The models converted under ``<home>/models`` (models.py), to offer as a new pack's base model."""
+        return converted_models(self.settings.models_dir)
+
+    def model_needs(self, model: str | None, size: str) -> dict:
+        """What a pack of preset ``size`` on ``model`` needs from this machine (training/model_needs.py)."""
+        return model_needs(model, size, self.settings.home, self.settings.models_dir)
 
     def rollback(self, name: str, version: int) -> dict:
         return self.packs_store().rollback(name, version)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from engram_app.atomic import write_text
 from engram_app.engram import EngramConfig
 from engram_app.errors import EngramError
 from engram_app.models import resolve_model
@@ -30,6 +31,7 @@ from engram_app.store.batches import batched, placeholders
 from engram_app.store.db import now
 from engram_app.training.sizes import DEFAULT_PRESET, PRESETS, check_fits
 
+MIGRATION_FILE = "migration.json"  # in a pack's folder: the pack it was moved from (training/migrate.py)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODES = ("engram", "lora", "engram+lora")
 
@@ -186,8 +188,24 @@ class PackStore:
             "storage": config.engram.get("storage", "memory") if config.uses_engram else None,
             "collections": json.loads(row["collections"] or "[]"), "active_version": row["active_version"],
             "versions": versions, "learned_sources": len(learned), "deleted_sources_learned": forgotten,
-            "created": row["created"],
+            "created": row["created"], "migrated_from": self.migration(row["name"]),
         }
+
+    # --- migrations (training/migrate.py) -------------------------------------------------------
+
+    def record_migration(self, name: str, record: dict) -> None:
+        """Keep with pack ``name`` where it was moved from (``<home>/packs/<name>/migration.json``)."""
+        write_text(self.folder(name) / MIGRATION_FILE, json.dumps(record, indent=1))
+
+    def migration(self, name: str) -> dict | None:
+        """The record of the pack ``name`` was moved from (None: it was not moved)."""
+        path = self.folder(name) / MIGRATION_FILE
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"error": f"unreadable {path}"}
 
     # --- versions -----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from engram_app.training.evaluate import (
     retention_examples,
     run_probes,
 )
+from engram_app.training.migrate import compare_with_origin
 from engram_app.training.queue import JobQueue, TrainOptions
 from engram_app.training.packs import PackStore
 from engram_app.training.peft_export import write_version_card
@@ -162,6 +163,9 @@ class JobRunner:
         self.say("evaluating" if options.evaluate else "writing the version")
         evaluation = self._evaluate(adapted, tokenizer, trainer, sample, retention, new_probes, old_probes, options,
                                     outcome)
+        if stored.get("migration"):  # a pack moved from another base model: the old one on the same probes
+            evaluation["migration"] = compare_with_origin(self.settings, self.packs, stored["migration"], evaluation,
+                                                          self.say)
         number = self.packs.next_number(pack["id"])
         folder = self.packs.version_folder(pack["name"], number)
         adapted.save(folder)

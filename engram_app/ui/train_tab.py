@@ -7,6 +7,7 @@ process, never in an event handler.
 
 from __future__ import annotations
 
+import html
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ import gradio as gr
 import pandas as pd
 
 from engram_app.errors import EngramError
+from engram_app.models import BUNDLED_NAME, bundled_gguf
 from engram_app.service import Service
 from engram_app.training import PRESETS, TrainOptions
+from engram_app.training.migrate import comparison_text
+from engram_app.training.model_needs import needs_summary
 from engram_app.training.packs import MODES
 from engram_app.training.sizes import DEFAULT_PRESET, describe, summary
 from engram_app.ui.errors import user_errors
@@ -38,10 +42,17 @@ class TrainTab:
 
     packs_table: gr.Dataframe
     name: gr.Textbox
+    model: gr.Dropdown  # the new pack's base model: a choice, a folder path or a Hugging Face id typed in
     size: gr.Dropdown
     mode: gr.Dropdown
     create: gr.Button
-    size_needs: gr.Markdown
+    size_needs: gr.Markdown  # what the chosen size and model need from this machine
+    migrate_model: gr.Dropdown  # the base model to move the chosen pack to
+    migrate_name: gr.Textbox
+    migrate: gr.Button
+    migration: gr.Markdown  # where the chosen pack was moved from, and both packs' recall
+    create_box: gr.Accordion
+    migrate_box: gr.Accordion
     export: gr.Button
     exported: gr.File
     upload: gr.File
@@ -70,10 +81,57 @@ class TrainTab:
 
 # --- what the tab shows --------------------------------------------------------------------------
 
-def size_needs(service: Service, size: str) -> str:
-    """What the chosen size preset needs from this machine, and whether it has it (before creating)."""
+def size_needs(service: Service, size: str, model: str | None = None) -> str:
+    """What the chosen size preset, and the base model the pack would be on, need from this machine, and whether
+    it has them (before creating). A model that cannot be found says why, here, rather than failing."""
     row = next((r for r in describe(service.settings.home) if r["name"] == size), None)
-    return summary(row) if row else ""
+    if row is None:
+        return ""
+    try:
+        model_line = needs_summary(service.model_needs(model_value(service, model), size))
+    except EngramError as exc:
+        model_line = f"Model: {exc}"
+    return f"{summary(row)}\n\n{model_line}"
+
+
+def model_value(service: Service, model: str | None) -> str:
+    """The model a picker's value names: the app's own model when nothing is chosen."""
+    return (model or "").strip() or service.settings.model or "default"
+
+
+def model_choices(service: Service) -> list[tuple[str, str]]:
+    """A new pack's base models to pick from: the app's model, the bundled one, every model converted under
+    ``<home>/models``; a folder path or a Hugging Face id can be typed in as well."""
+    choices: list[tuple[str, str]] = []
+    if service.settings.model not in (None, "", "default", BUNDLED_NAME):
+        choices.append((f"{service.settings.model} (the app's model)", service.settings.model))
+    if bundled_gguf() is not None:
+        choices.append(("SmolLM2-135M-Instruct (bundled)", "default"))
+    for converted in service.converted_models():
+        if converted.spec not in [value for _, value in choices]:
+            choices.append((f"{converted.name} (converted, in {converted.folder.parent})", converted.spec))
+    return choices
+
+
+def refresh_model_choices(service: Service, tab: TrainTab) -> dict:
+    """The model pickers' lists as they are now (a model converted since the page was built), values kept."""
+    choices = model_choices(service)
+    return {tab.model: gr.update(choices=choices),
+            tab.migrate_model: gr.update(choices=[c for c in choices if c[1] != model_value(service, None)])}
+
+
+def migration_text(service: Service, pack: str | None) -> str:
+    """Where the chosen pack was moved from and, once its job has evaluated, both packs' recall of the same facts."""
+    moved = service.migration(pack) if pack else None
+    if not moved:
+        return ""
+    if "from" not in moved:  # the record could not be read
+        return f"Moved from another pack: {moved.get('error', 'its record is incomplete')}."
+    origin = moved["from"]
+    head = f"Moved from pack **{origin['pack']}** (version {origin['version']}, base {origin['base_model']})"
+    if moved.get("comparison") is None:
+        return f"{head}: the comparison comes when job {moved.get('job', '?')} has trained and evaluated it."
+    return f"{head}: {comparison_text(moved['comparison'])}."
 
 
 def export_folder(cache: str | Path) -> Path:
@@ -201,10 +259,29 @@ def refresh_packs(service: Service, tab: TrainTab, current_pack: str | None) -> 
     return {tab.packs_table: pack_rows(service), tab.pack: gr.update(choices=names, value=value)}
 
 
-def create_pack(service: Service, tab: TrainTab, name: str, size: str, mode: str) -> dict:
+def create_pack(service: Service, tab: TrainTab, name: str, size: str, mode: str, model: str | None = None) -> dict:
+    """Create a pack on the chosen base model (the app's own when none is chosen)."""
     with user_errors():
-        service.create_pack((name or "").strip(), size=size, mode=mode)
+        service.create_pack((name or "").strip(), model=model_value(service, model), size=size, mode=mode)
     return refresh_packs(service, tab, name.strip())
+
+
+def migrate_pack(service: Service, tab: TrainTab, pack: str | None, model: str | None, new_name: str | None,
+                 budget: str, max_steps: float, lr: float, until_recalled: bool = True) -> dict:
+    """Move the chosen pack to another base model: a new pack learning the same sources, its job queued
+    (with the training preset and advanced options) and followed; the comparison comes with its evaluation."""
+    if not pack:
+        raise gr.Error("Choose the pack to move first.")
+    if not (model or "").strip():
+        raise gr.Error("Choose or type the base model to move the pack to.")
+    with user_errors():
+        options = TrainOptions(max_minutes=BUDGETS[budget], max_steps=int(max_steps) or None, lr=float(lr),
+                               until_recalled=until_recalled)
+        moved = service.migrate_pack(pack, model.strip(), (new_name or "").strip() or None, options=options)
+    name = moved["pack"]["name"]
+    gr.Info(f"Created pack {name} on {html.escape(moved['pack']['base_model'], quote=False)}: job {moved['job_id']} trains it.")
+    return {**refresh_packs(service, tab, name), tab.job_id: moved["job_id"],
+            tab.runs: run_choices(service, name, moved["job_id"]), tab.migration: migration_text(service, name)}
 
 
 def start_training(service: Service, tab: TrainTab, pack: str | None, budget: str, full: bool, max_steps: float,
@@ -225,7 +302,8 @@ def poll_job(service: Service, tab: TrainTab, job_id: int | None, pack: str | No
     log = "\n".join(line["message"] for line in job["log"]) if job else ""
     key = (job["id"], job["step"], job["status"]) if job else None
     views = {tab.progress: job_text(job), tab.bar: bar_html(job), tab.log: log,
-             tab.versions: version_rows(service, pack), tab.packs_table: pack_rows(service), tab.plotted: key}
+             tab.versions: version_rows(service, pack), tab.packs_table: pack_rows(service), tab.plotted: key,
+             tab.migration: migration_text(service, pack)}
     # Redraw the plot only when there is something new: a chart redrawn every second flickers.
     # Never send an empty frame: Gradio 6.31's LinePlot draws no lines for any later update after
     # an empty one (reproduced in isolation), so the chart keeps its last curve until points come.
@@ -242,7 +320,8 @@ def follow_run(tab: TrainTab, job_id: int | None) -> dict:
 
 def pack_chosen(service: Service, tab: TrainTab, pack: str | None) -> dict:
     """Another pack chosen: its versions and runs, following its latest job."""
-    return {tab.job_id: None, tab.versions: version_rows(service, pack), tab.runs: run_choices(service, pack)}
+    return {tab.job_id: None, tab.versions: version_rows(service, pack), tab.runs: run_choices(service, pack),
+            tab.migration: migration_text(service, pack)}
 
 
 def export_pack(service: Service, tab: TrainTab, pack: str | None) -> str:
@@ -290,13 +369,27 @@ def make_active(service: Service, tab: TrainTab, pack: str | None, number: float
 def _layout(service: Service) -> TrainTab:
     packs_table = gr.Dataframe(headers=PACK_COLUMNS, value=[], label="Memory packs", interactive=False,
                                elem_id="packs-table")
-    with gr.Accordion("Create a pack", open=False, elem_id="pack-create-box"):
+    choices = model_choices(service)
+    default_model = model_value(service, None)
+    with gr.Accordion("Create a pack", open=False, elem_id="pack-create-box") as create_box:
         with gr.Row():
             name = gr.Textbox(label="Name", placeholder="me", elem_id="pack-name")
+            model = gr.Dropdown(choices, value=default_model, label="Base model", allow_custom_value=True,
+                                info="a model here, or type a model folder, a .gguf file or a Hugging Face id (org/name)",
+                                elem_id="pack-model")
             size = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Size", info=PRESET_HELP, elem_id="pack-size")
             mode = gr.Dropdown(list(MODES), value="engram", label="What trains")
             create = gr.Button("Create", elem_id="pack-create")
-        needs = gr.Markdown(size_needs(service, DEFAULT_PRESET), elem_id="pack-size-needs")
+        needs = gr.Markdown(size_needs(service, DEFAULT_PRESET, default_model), elem_id="pack-size-needs")
+    with gr.Accordion("Move a pack to another base model", open=False, elem_id="pack-migrate-box") as migrate_box:
+        gr.Markdown("A new pack on the other model learns the sources the chosen pack learned (a training job with "
+                    "the Train preset and advanced options of this tab); once trained, both packs are asked the same facts.")
+        with gr.Row():
+            migrate_model = gr.Dropdown([c for c in choices if c[1] != default_model], value=None, label="Base model",
+                                        allow_custom_value=True, elem_id="pack-migrate-model",
+                                        info="a model here, or type a model folder, a .gguf file or a Hugging Face id")
+            migrate_name = gr.Textbox(label="New pack's name (default: NAME-on-<model>)", elem_id="pack-migrate-name")
+            migrate = gr.Button("Move the chosen pack", elem_id="pack-migrate")
     with gr.Accordion("Export or import a pack", open=False, elem_id="pack-transfer-box"):
         with gr.Row():
             with gr.Column():
@@ -330,20 +423,32 @@ def _layout(service: Service) -> TrainTab:
     log = gr.Textbox(label="Log", lines=6, max_lines=6, interactive=False, elem_id="train-log")
     versions = gr.Dataframe(headers=VERSION_COLUMNS, value=[], label="Versions of the pack", interactive=False,
                             elem_id="train-versions")
+    migration = gr.Markdown("", elem_id="pack-migration")
     with gr.Row():
         version = gr.Number(label="Version", precision=0, minimum=1, scale=1)
         rollback = gr.Button("Make this version active", scale=1, elem_id="train-rollback")
-    return TrainTab(packs_table, name, size, mode, create, needs, export, exported, upload, import_name, import_button,
-                    pack, budget, full, start, cancel, max_steps, lr, evaluate, until_recalled, runs, job_id, plotted,
-                    progress, bar, loss_plot, log, versions, version, rollback)
+    return TrainTab(packs_table=packs_table, name=name, model=model, size=size, mode=mode, create=create,
+                    size_needs=needs, migrate_model=migrate_model, migrate_name=migrate_name, migrate=migrate,
+                    migration=migration, create_box=create_box, migrate_box=migrate_box, export=export, exported=exported, upload=upload, import_name=import_name,
+                    import_button=import_button, pack=pack, budget=budget, full=full, start=start, cancel=cancel,
+                    max_steps=max_steps, lr=lr, evaluate=evaluate, until_recalled=until_recalled, runs=runs,
+                    job_id=job_id, plotted=plotted, progress=progress, bar=bar, loss_plot=loss_plot, log=log,
+                    versions=versions, version=version, rollback=rollback)
 
 
 def build_train_tab(service: Service) -> TrainTab:
     """Lay out the Memory & training tab and connect its events (called inside the tab's ``gr.Tab``)."""
     tab = _layout(service)
-    tab.create.click(partial(create_pack, service, tab), [tab.name, tab.size, tab.mode], [tab.packs_table, tab.pack],
-                     api_name="create_pack")
-    tab.size.change(partial(size_needs, service), tab.size, tab.size_needs, api_visibility="private")
+    tab.create.click(partial(create_pack, service, tab), [tab.name, tab.size, tab.mode, tab.model],
+                     [tab.packs_table, tab.pack], api_name="create_pack")
+    for box in (tab.create_box, tab.migrate_box):
+        box.expand(partial(refresh_model_choices, service, tab), None, [tab.model, tab.migrate_model],
+                   api_visibility="private")
+    for picker in (tab.size, tab.model):
+        picker.change(partial(size_needs, service), [tab.size, tab.model], tab.size_needs, api_visibility="private")
+    tab.migrate.click(partial(migrate_pack, service, tab),
+                      [tab.pack, tab.migrate_model, tab.migrate_name, tab.budget, tab.max_steps, tab.lr, tab.until_recalled],
+                      [tab.packs_table, tab.pack, tab.job_id, tab.runs, tab.migration], api_name="migrate_pack")
     tab.start.click(partial(start_training, service, tab),
                     [tab.pack, tab.budget, tab.full, tab.max_steps, tab.lr, tab.evaluate, tab.until_recalled],
                     [tab.job_id, tab.runs], api_name="train")
@@ -354,9 +459,10 @@ def build_train_tab(service: Service) -> TrainTab:
     tab.cancel.click(partial(cancel_job, service), [tab.job_id, tab.pack], None, api_name="cancel_job")
     tab.rollback.click(partial(make_active, service, tab), [tab.pack, tab.version], [tab.versions, tab.packs_table],
                        api_name="rollback")
-    tab.pack.change(partial(pack_chosen, service, tab), tab.pack, [tab.job_id, tab.versions, tab.runs],
+    tab.pack.change(partial(pack_chosen, service, tab), tab.pack, [tab.job_id, tab.versions, tab.runs, tab.migration],
                     api_visibility="private")
     gr.Timer(1.0).tick(partial(poll_job, service, tab), [tab.job_id, tab.pack, tab.plotted],
-                       [tab.progress, tab.bar, tab.loss_plot, tab.log, tab.versions, tab.packs_table, tab.plotted],
+                       [tab.progress, tab.bar, tab.loss_plot, tab.log, tab.versions, tab.packs_table, tab.plotted,
+                        tab.migration],
                        api_visibility="private", show_progress="hidden")
     return tab
