@@ -4,8 +4,11 @@
 layer) and the backbone that owns them, and registers three forward hooks:
 
 1. a pre-hook on the backbone computes, from the token ids alone, the rows every Engram layer
-   will read for this call (the addresses are known before the first block runs);
-2. a pre-hook on each chosen block adds ``Engram(h, rows)`` to the hidden state entering it;
+   will read for this call (the addresses are known before the first block runs), and starts
+   fetching rows that live off the device (:meth:`EngramModel.prefetch`: on a GPU, a copy from
+   pinned host memory on a side stream, overlapped with the blocks before the memory layer);
+2. a pre-hook on each chosen block adds ``Engram(h, rows)`` to the hidden state entering it
+   (waiting for its prefetched rows' copy if there is one, else reading them itself);
 3. a hook after the backbone stores each sequence's decoding state (:class:`DecodeState`: the
    compressed ids and the convolution's inputs of every cached position) on the KV cache object
    it returned.
@@ -34,7 +37,7 @@ from .compression import compression_for, tokenizer_fingerprint
 from .config import EngramConfig
 from .hashing import TableLayout, build_layout, hash_rows, shifted_ngrams
 from .layer import EngramBlock
-from .storage import EmbeddingTable, MappedTable, TableStorage
+from .storage import EmbeddingTable, MappedTable, PrefetchedRows, TableStorage
 
 STATE_ATTR = "_engram_state"
 FOLLOWS_ATTR = "_engram_follows"  # set on a cache whose batch methods also move the Engram state
@@ -219,7 +222,7 @@ class _Call:
     mask: torch.Tensor  # [B, T] bool
     state: DecodeState | None  # of the positions before this call (None: a new sequence)
     compressed: torch.Tensor  # [B, T] compressed ids of this call's positions
-    memory: dict[int, torch.Tensor] = field(default_factory=dict)  # rows gathered ahead of the blocks
+    memory: dict[int, PrefetchedRows] = field(default_factory=dict)  # rows fetched ahead of the blocks
     new_conv: dict[int, torch.Tensor] = field(default_factory=dict)
     traces: dict[int, LayerTrace] = field(default_factory=dict)
 
@@ -276,6 +279,8 @@ class EngramModel(nn.Module):
             for layer in self.layer_ids
         })
         self.enabled = True
+        self.prefetching = True  # fetch off-device rows before the first block (False: each layer reads its own)
+        self._prefetched: dict[int, PrefetchedRows] = {}  # started by prefetch() for the next call
         self._call: _Call | None = None
         self._trace_sink: list[dict[int, LayerTrace]] | None = None
         self._handles = [
@@ -290,17 +295,25 @@ class EngramModel(nn.Module):
 
     def _before_backbone(self, module, args, kwargs):
         self._call = None
+        earlier, self._prefetched = self._prefetched, {}
         if not self.enabled:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise EngramAttachError("Engram memory needs token ids: call the model with input_ids, not inputs_embeds.")
+        call = self._address(input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"))
+        # The rows depend only on the token ids: start fetching them now, before the first block runs.
+        call.memory = self._start_prefetch(call.rows, earlier)
+        self._call = call
+        return None
+
+    def _address(self, input_ids: torch.Tensor, mask: torch.Tensor | None, cache) -> _Call:
+        """The rows every Engram layer reads in a call with these ids, mask and KV cache (from ids alone)."""
         batch, steps = input_ids.shape
         device = input_ids.device
-        mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None or mask.dim() != 2 else mask[:, -steps:].bool()
         conv_layers = set(self.layer_ids) if self.config.use_conv else set()
-        state = _cached_state(kwargs.get("past_key_values"), batch, conv_layers)
+        state = _cached_state(cache, batch, conv_layers)
         compression = self.compression.to(device)
         compressed = torch.where(mask, compression[input_ids], torch.full_like(input_ids, self.boundary_id))
         keep = self.config.max_order - 1  # ids before this call that its n-grams reach
@@ -309,14 +322,22 @@ class EngramModel(nn.Module):
             history = torch.cat([history, state.ids[:, -keep:].to(device)], dim=1)[:, -keep:]
         grams = shifted_ngrams(compressed, history, self.config.max_order)
         rows = hash_rows(self.layout, grams)
-        self._call = _Call(rows=rows, mask=mask, state=state, compressed=compressed)
-        if isinstance(self.table, MappedTable):
-            # Rows read from files: gather them now, before the first block runs. The addresses
-            # depend only on the token ids, and on a GPU the copy from pinned host memory is
-            # queued without blocking the CPU.
-            for column, layer in enumerate(self.layer_ids):
-                self._call.memory[layer] = self.table.lookup(rows[:, :, column]).flatten(-2)
-        return None
+        return _Call(rows=rows, mask=mask, state=state, compressed=compressed)
+
+    def _start_prefetch(self, rows: torch.Tensor, earlier: dict[int, PrefetchedRows]) -> dict[int, PrefetchedRows]:
+        """Per layer, the fetch of its rows (of ``rows`` [B, T, L, R]): one of ``earlier`` if it asked for
+        exactly these rows, else one started now; none where the table has nothing to prefetch."""
+        fetched: dict[int, PrefetchedRows] = {}
+        if not self.prefetching:
+            return fetched
+        for column, layer in enumerate(self.layer_ids):
+            layer_rows = rows[:, :, column]
+            ready = earlier.get(layer)
+            if ready is None or not ready.matches(layer_rows):  # a stale prefetch (other ids) is dropped
+                ready = self.table.prefetch(layer_rows)
+            if ready is not None:
+                fetched[layer] = ready
+        return fetched
 
     def _make_block_hook(self, layer: int):
         column = self.layer_ids.index(layer)
@@ -327,9 +348,11 @@ class EngramModel(nn.Module):
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             rows = call.rows[:, :, column]  # [B, T, R]
-            memory = call.memory.get(layer)
-            if memory is None:
-                memory = self.table.lookup(rows).flatten(-2)  # [B, T, R * d_h]
+            fetched = call.memory.get(layer)
+            if fetched is not None:  # started before the first block: wait for its copy (GPU) or take it
+                memory = fetched.wait().flatten(-2)  # [B, T, R * d_h]
+            else:
+                memory = self.table.lookup(rows).flatten(-2)
             block = self.blocks[str(layer)]
             conv_state = None  # the convolution inputs of the positions its kernel reaches before this call
             if call.state is not None and layer in call.state.conv:
@@ -362,6 +385,21 @@ class EngramModel(nn.Module):
         return None
 
     # --- public API ------------------------------------------------------------------------
+
+    def prefetch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 past_key_values=None) -> None:
+        """Start fetching the rows of the model call about to be made with these arguments.
+
+        Every call does this itself before its first block runs; a caller that knows the next
+        call's token ids sooner (a decoding loop, once it has picked the token) can start it
+        earlier. The next call uses what was fetched only if it asks for exactly these rows: a
+        prefetch for other ids (or another cache) is stale and dropped. Call it under the same
+        lock as the model call it prepares.
+        """
+        if not self.enabled:
+            return
+        call = self._address(input_ids, attention_mask, past_key_values)
+        self._prefetched = self._start_prefetch(call.rows, {})
 
     def detach(self) -> None:
         """Remove the hooks: the base model is as it was before attaching."""

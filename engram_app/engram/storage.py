@@ -8,16 +8,55 @@ only the rows a token addresses, so a table of 10^9 rows opens in milliseconds o
 The row optimiser (:class:`~engram_app.engram.optim.RowwiseAdam`) talks to both through three
 methods: :meth:`TableStorage.row_gradients`, :meth:`TableStorage.apply_row_update` and
 :meth:`TableStorage.clear_row_gradients`.
+
+**Prefetching rows to a GPU.** A table whose rows live in host memory (:class:`MappedTable` with
+the model on a GPU) would stall the forward pass if the memory layer fetched its rows itself: a
+gather on the CPU, then a copy, then the layer. But the rows depend only on the token ids, so
+they are known before the first block runs. :meth:`TableStorage.prefetch` starts the fetch then:
+the rows are gathered straight into a pinned (page-locked) host buffer and copied to the GPU on a
+side CUDA stream, so the copy runs while the blocks before the memory layer compute. It returns
+a :class:`PrefetchedRows`; the memory layer calls :meth:`PrefetchedRows.wait`, which makes the
+compute stream wait for the copy's event (the GPU waits, the CPU does not). On the CPU the same
+path runs without a stream or pinned memory (the gather is the whole fetch). Tables whose rows
+are already where the model is (:class:`EmbeddingTable`) return None: the layer reads them itself.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+
+@dataclass
+class PrefetchedRows:
+    """Rows fetched ahead of the layer that reads them (:meth:`TableStorage.prefetch`).
+
+    On a GPU ``values`` may still be arriving: ``ready`` is the copy stream's event, and
+    :meth:`wait` must be called before they are read.
+    """
+
+    rows: torch.Tensor  # the row ids asked for: a prefetch is used only for exactly these
+    values: torch.Tensor  # rows.shape + (dim,), on the table's device
+    ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy (None: already there)
+
+    def matches(self, rows: torch.Tensor) -> bool:
+        """Whether these are the rows ``rows`` asks for (else the prefetch is stale: not to be used)."""
+        return (self.rows.shape == rows.shape and self.rows.device == rows.device
+                and bool(torch.equal(self.rows, rows)))
+
+    def wait(self) -> torch.Tensor:
+        """The values, safe to read on the current stream: on a GPU that stream waits for the copy."""
+        if self.ready is not None:
+            stream = torch.cuda.current_stream(self.values.device)
+            stream.wait_event(self.ready)  # the GPU waits; the CPU goes on queueing work
+            self.values.record_stream(stream)  # its memory (allocated on the copy stream) is in use here too
+            self.ready = None
+        return self.values
 
 
 class TableStorage(nn.Module):
@@ -29,6 +68,14 @@ class TableStorage(nn.Module):
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Vectors of ``rows`` (any shape of int64 indices) -> ``rows.shape + (dim,)``."""
         raise NotImplementedError
+
+    def prefetch(self, rows: torch.Tensor) -> PrefetchedRows | None:
+        """Start fetching ``rows`` to the model's device now, for a layer that reads them later.
+
+        None: nothing to gain (the rows are already on the device), or not possible (a lookup that
+        records gradients): the layer calls :meth:`lookup` itself.
+        """
+        return None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are row-sparse (to be given to a sparse optimizer)."""
@@ -203,6 +250,7 @@ class MappedTable(TableStorage):
         self._recording = False
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row ids, leaf values) read this step
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)  # follows .to(device, dtype)
+        self._stream: torch.cuda.Stream | None = None  # the side stream of prefetch copies (GPU only, made on first use)
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -317,19 +365,48 @@ class MappedTable(TableStorage):
 
     # --- the model's view -------------------------------------------------------------------------
 
+    def _distinct(self, rows: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(distinct row ids, their float32 values [n, dim] on the CPU, each of ``rows``' index into them)."""
+        unique, inverse = np.unique(rows.reshape(-1).cpu().numpy(), return_inverse=True)
+        return unique, torch.from_numpy(self.read_rows(unique)), torch.from_numpy(inverse.reshape(-1))
+
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        flat = rows.reshape(-1).cpu().numpy()
-        unique, inverse = np.unique(flat, return_inverse=True)
-        values = torch.from_numpy(self.read_rows(unique))
+        unique, values, inverse = self._distinct(rows)
         if self._recording and torch.is_grad_enabled():
             values.requires_grad_(True)
             self._pending.append((torch.from_numpy(unique), values))
         device = self._anchor.device
-        gathered = values[torch.from_numpy(inverse.reshape(-1))]
+        gathered = values[inverse]
         if device.type == "cuda":  # pinned host memory: the copy does not hold up the CPU
             gathered = gathered.pin_memory() if not gathered.requires_grad else gathered
             gathered = gathered.to(device, non_blocking=True)
         return gathered.to(device, self._anchor.dtype).reshape(*rows.shape, self.dim)
+
+    def prefetch(self, rows: torch.Tensor) -> PrefetchedRows | None:
+        """Gather ``rows`` into a pinned buffer and copy them to the GPU on a side stream (module docstring).
+
+        Exactly the values :meth:`lookup` gives. While training records gradients a lookup must
+        return leaf tensors that collect them: no prefetch then (None).
+        """
+        if self._recording and torch.is_grad_enabled():
+            return None
+        _, values, inverse = self._distinct(rows)
+        device, dtype, shape = self._anchor.device, self._anchor.dtype, (*rows.shape, self.dim)
+        if device.type != "cuda":  # the CPU: the gather is the whole fetch, nothing to overlap
+            return PrefetchedRows(rows, values[inverse].to(dtype).reshape(shape))
+        staging = torch.empty((len(inverse), self.dim), dtype=values.dtype, pin_memory=True)
+        torch.index_select(values, 0, inverse, out=staging)  # one gather, straight into page-locked memory
+        stream = self._copy_stream(device)
+        with torch.cuda.stream(stream):
+            on_device = staging.to(device, non_blocking=True).to(dtype).reshape(shape)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return PrefetchedRows(rows, on_device, ready)
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return []

@@ -97,13 +97,20 @@ class Pools:
 
 
 def describe(loaded: LoadedModel | None, model: str | None) -> dict:
-    """The status line's model, device, load time and GPU memory (None before the model is loaded)."""
+    """The status line's model, device, load time and GPU memory (None before the model is loaded).
+
+    ``gpu_memory``: what the chat's tensors hold, and the whole card's use (the training worker's too)."""
     if loaded is None:
         return {"model": model or "default", "device": None, "load_seconds": None}
     gpu = None
     if loaded.device.device.type == "cuda":
         import torch
 
+        from engram_app.gpu_share import gpu_memory, human
+
         gpu = f"{torch.cuda.memory_allocated(loaded.device.device) / 2**30:.1f} GiB"
+        card = gpu_memory(loaded.device.device)  # the whole card: the training worker's share shows here
+        if card is not None:
+            gpu += f" by the chat; {human(card.used)} of {human(card.total)} on the card"
     return {"model": loaded.source.name, "device": loaded.device.describe(),
             "load_seconds": round(loaded.load_seconds, 2), "gpu_memory": gpu}
