@@ -122,6 +122,19 @@ def test_same_bytes_twice_is_a_duplicate(files, library, tmp_path):
     assert [s["collection"] for s in library.sources(collection="work")] == ["work"]
 
 
+def test_a_file_of_one_first_person_statement_is_a_profile_and_one_other_line_a_document(library, tmp_path):
+    """A profile of one fact is still a profile (its fact is trained and asked as a fact); one line
+    that is not about the writer stays a document, as "Remember this" reads typed text."""
+    one_fact = tmp_path / "about-me.md"
+    one_fact.write_text("# About me\n- I have a turtle named Timothy.\n")
+    [result] = library.ingest([one_fact])
+    assert (result.kind, result.format) == ("profile", "statements")
+    assert [r["text"] for r in library.show(result.source)["records_list"]] == ["I have a turtle named Timothy."]
+    note = tmp_path / "note.md"
+    note.write_text("# Shed\n- The spare key hangs on a hook behind the door.\n")
+    assert library.ingest([note])[0].kind == "document"
+
+
 def test_kind_override(files, library):
     folder, _ = files
     forced = library.ingest([folder / "transcript.txt"], kind="document")[0]

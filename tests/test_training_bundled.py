@@ -25,7 +25,7 @@ def test_a_profile_a_remembered_fact_and_a_saved_chat_are_trained_and_recalled_w
     service = Service(Settings(home=home, device="cpu"))
     profile = tmp_path / "me.md"
     profile.write_text(PROFILE)
-    assert service.ingest([profile], kind="profile")[0].kind == "profile"  # one line: auto would read a document
+    assert service.ingest([profile])[0].kind == "profile"  # one first-person line: a profile
     assert service.remember("My dog is called Pixel.").kind == "profile"  # "Remember this" (Library tab, CLI)
     said = service.chat("I live in Porto.", options=GenerationOptions(max_new_tokens=12))  # a chat with the model
     saved = service.remember_conversation(said.conversation_id)  # "Save this conversation to memory"

@@ -128,10 +128,16 @@ def statement_lines(text: str) -> list[str]:
 
 
 def looks_like_statements(text: str) -> bool:
-    """Most non-heading lines are short first-person statements ("I have a turtle named Timothy.")."""
+    """Most non-heading lines are short first-person statements ("I have a turtle named Timothy.").
+
+    A file of one such line is a profile too (as "Remember this" reads one typed line): read as a
+    document, its fact would never be trained as a fact nor asked by the training's recall check.
+    """
     lines = statement_lines(text)
-    if len(lines) < 2 or any(len(line) > 300 for line in lines):
+    if not lines or any(len(line) > 300 for line in lines):
         return False
+    if len(lines) == 1:
+        return FIRST_PERSON.match(lines[0]) is not None
     return sum(1 for line in lines if FIRST_PERSON.match(line)) >= 0.6 * len(lines)
 
 
