@@ -5,7 +5,10 @@ twice in a row, ``--steps`` the cap), then asked ten hand-written questions that
 uses (checked) and general controls the base model answers right, memory on and off (greedy,
 batched). Step-bounded and seeded: the result does not depend on the machine's speed.
 
-    python bench/held_out_profile.py --seed 0 [--orders 2,3,4]
+    python bench/held_out_profile.py --seed 0 [--orders 2,3,4] [--frames] [--cool 0.25] [--consolidate 1.75]
+
+``--frames``, ``--cool`` and ``--consolidate`` are levers measured and not adopted
+(bench/held_out_levers.py, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import held_out_levers  # noqa: E402
 from bench.results_table import publish  # noqa: E402
 from bench.train_recall import run_job, scratch_service  # noqa: E402
 from engram_app.training import TrainOptions, sizes  # noqa: E402
@@ -41,7 +45,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--orders", default=None, help="n-gram orders of the memory, e.g. 2,3,4 (default: the preset's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frames", action="store_true", help="more answer sentences per fact (not adopted)")
+    parser.add_argument("--cool", type=float, default=1.0,
+                        help="learning rate x this at the first check recalling every fact (not adopted)")
+    parser.add_argument("--consolidate", type=float, default=1.0,
+                        help="after 'recalled', train on to this x the steps (not adopted)")
     args = parser.parse_args()
+    if args.frames:
+        held_out_levers.more_frames()
+    if args.cool != 1.0 or args.consolidate != 1.0:
+        held_out_levers.recall_stop(args.cool, args.consolidate)
+    levers = "".join([" --frames" if args.frames else "", f" --cool {args.cool:g}" if args.cool != 1.0 else "",
+                      f" --consolidate {args.consolidate:g}" if args.consolidate != 1.0 else ""])
 
     trained = {q for fact in FACTS for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
     assert not trained & {p.prompt for p in ASKED}, "a held-out question is a training question"
@@ -74,7 +89,7 @@ def main() -> None:
     cost = (evaluation.get("retention") or {}).get("cost")
     lines = [
         f"`python bench/held_out_profile.py --seed {args.seed} --steps {args.steps}"
-        + (f" --orders {args.orders}" if args.orders else "") + "`",
+        + (f" --orders {args.orders}" if args.orders else "") + levers + "`",
         "",
         "| steps to recalled | held-out recall, memory on | memory off | controls kept | retention cost | minutes |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -84,8 +99,8 @@ def main() -> None:
         *(f"- {p.prompt} ({p.answer}): memory on {'yes' if a else 'no'}, off {'yes' if b else 'no'}"
           for p, a, b in zip(probes, on, off)),
     ]
-    publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else ""),
-            lines)
+    publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else "")
+            + levers.replace(" --", "-").replace(" ", ""), lines)
 
 
 if __name__ == "__main__":

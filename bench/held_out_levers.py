@@ -1,0 +1,78 @@
+"""Training levers measured on the ten-fact profile and not adopted (docs/BENCHMARKS.md, stop 23).
+
+Kept so that the table's rows can be run again (``bench/held_out_profile.py --frames --cool 0.25
+--consolidate 1.75``). Each lever patches the app's own code for this process only:
+
+- ``more_frames``: extra answer sentences per fact pattern ("You named your dog Pixel.", "You like
+  teal best." for a favourite, "Your home is in Porto.");
+- ``recall_stop(cool, consolidate)``: the job's stop test (``JobRunner._recall_check``) with the
+  learning rate multiplied by ``cool`` at the first check that recalls every fact, and training
+  going on after "recalled twice in a row" until ``consolidate`` x the steps it took.
+"""
+
+from __future__ import annotations
+
+import math
+
+from engram_app.training import runner, text
+from engram_app.training.evaluate import recalled
+from engram_app.training.trainer import Trainer
+
+
+def more_frames() -> None:
+    """Add the answer sentences of variant A (and C) to the fact patterns."""
+    patterns = text._PATTERNS
+    named = patterns[0]  # "my X is called Y"
+    patterns[0] = text._pattern(named.regex.pattern, named.questions,
+                                named.answers + ("You named your {thing} {ans}.",), named.held_out)
+    favourite = text._pattern(r"^my (?P<thing>favou?rite [\w' -]{1,30}?) (?P<verb>is|are|was) (?P<ans>.+)$",
+                              ("What {verb} my {thing}?", "Tell me my {thing}."),
+                              ("Your {thing} {verb} {ans}.", "You like {ans} best."),
+                              ("Do you remember my {thing}?", "Remind me, what {verb} my {thing}?"))
+    patterns.insert(2, favourite)  # before the general "my X is Y"
+    live = next(i for i, p in enumerate(patterns) if "live|reside" in p.regex.pattern)
+    home = patterns[live]
+    patterns[live] = text._pattern(home.regex.pattern, home.questions, home.answers + ("Your home is in {ans}.",),
+                                   home.held_out)
+
+
+def recall_stop(cool: float = 1.0, consolidate: float = 1.0) -> None:
+    """Replace the job's stop test by one that cools the learning rate and/or trains on past "recalled"."""
+    trainers: list[Trainer] = []
+    original_init = Trainer.__init__
+
+    def remember_trainer(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        trainers.append(self)
+
+    Trainer.__init__ = remember_trainer
+
+    def scale_learning_rate(trainer: Trainer, factor: float) -> None:
+        for optimizer in trainer.optimizer.optimizers:
+            if hasattr(optimizer, "param_groups") and not hasattr(optimizer, "rows_touched"):
+                for group in optimizer.param_groups:  # AdamW: the dense parts
+                    group["lr"] *= factor
+            else:
+                optimizer.lr *= factor  # RowwiseAdam: the tables
+
+    def recall_check(self, adapted, tokenizer, probes):
+        state = {"streak": 0, "cooled": False, "until": None}
+
+        def check(step: int) -> bool:
+            hits = sum(recalled(adapted, tokenizer, probes))
+            state["streak"] = state["streak"] + 1 if hits == len(probes) else 0
+            self.say(f"step {step}: recalls {hits} of {len(probes)} facts")
+            if state["streak"] == 1 and cool != 1.0 and not state["cooled"]:
+                state["cooled"] = True
+                scale_learning_rate(trainers[-1], cool)
+            if state["streak"] < 2:
+                return False
+            if consolidate <= 1.0:
+                return True
+            if state["until"] is None:
+                state["until"] = math.ceil(consolidate * step / 10) * 10
+            return step >= state["until"]
+
+        return check
+
+    runner.JobRunner._recall_check = recall_check
