@@ -99,10 +99,10 @@ def migrate_pack(db: sqlite_utils.Database, packs: PackStore, name: str, model: 
 def _same_base(old: str, new: str) -> bool:
     """Whether ``new`` is the old pack's base model (an old model that can no longer be found is not)."""
     try:
-        resolve_model(None if old == "default" else old)
+        resolve_model(old)  # "default" is the bundled model, as for every other caller
     except EngramError:
         return False
-    return same_model(None if old == "default" else old, new)
+    return same_model(old, new)
 
 
 def queue_job(db: sqlite_utils.Database, pack_id: int, options: TrainOptions, plan: Plan, record: dict) -> int:
@@ -167,7 +167,7 @@ def origin_report(settings: Settings, packs: PackStore, origin: dict, probes: li
         raise EngramError(f"Pack {name!r} has no version {origin['version']} any more.")
     config = packs.config(packs.row(name))
     base = packs.get(name)["base_model"]
-    loaded = load_base_model(None if base == "default" else base, settings.models_dir, resolve_device(settings.device))
+    loaded = load_base_model(base, settings.models_dir, resolve_device(settings.device))
     adapted = adapters.load(loaded.model, loaded.tokenizer, Path(version["path"]), config)
     return run_probes(adapted, loaded.tokenizer, probes)
 
