@@ -226,6 +226,7 @@ def load_base_model(spec: str | None, models_dir: Path, device: DevicePlan, int4
 
 
 INT4_CACHE = "int4_layers.safetensors"  # next to a converted GGUF model: its packed 4-bit layers
+KERNELS_DIR = "kernels"  # in the models folder: the 4-bit matmul compiled on this machine (inference/native.py)
 
 
 def use_int4(loaded: LoadedModel) -> bool:
@@ -237,6 +238,7 @@ def use_int4(loaded: LoadedModel) -> bool:
     parameters): the training worker loads its own fp32 copy. The first use reads the GGUF file
     and packs them (seconds) and keeps them in ``<model folder>/int4_layers.safetensors``.
     """
+    from engram_app.inference.native import load_kernels
     from engram_app.inference.quant import quantize_from_gguf
 
     if loaded.weights == "int4":
@@ -245,8 +247,10 @@ def use_int4(loaded: LoadedModel) -> bool:
         return False
     gguf = Path(loaded.source.location)
     started = time.perf_counter()
+    kernels = load_kernels(loaded.path.parent / KERNELS_DIR if loaded.path else Path(tempfile.gettempdir()) / "engram-kernels")
     report = quantize_from_gguf(loaded.model, gguf, cache=loaded.path / INT4_CACHE if loaded.path else None,
-                                source=json.dumps(_gguf_fingerprint(gguf), sort_keys=True))
+                                source=json.dumps(_gguf_fingerprint(gguf), sort_keys=True), kernels=kernels,
+                                weights_file=loaded.path / "model.safetensors" if loaded.path else None)
     if not report.quantized:
         return False
     loaded.weights = "int4"

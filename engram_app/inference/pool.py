@@ -85,7 +85,7 @@ class ModelPool:
 
     def __init__(self, loaded: LoadedModel, budget_bytes: int, int4: bool | None = None):
         """``int4``: run a GGUF model from its 4-bit blocks on the CPU (models.py ``use_int4``); None: as
-        ``ENGRAM_INT4`` says (off by default). The pool serves chat only, so its model never trains."""
+        ``ENGRAM_INT4`` says (on by default). The pool serves chat only, so its model never trains."""
         if int4 if int4 is not None else int4_chat_enabled():
             use_int4(loaded)
         self.loaded = loaded

@@ -9,26 +9,35 @@ scale ``d`` and a minimum ``m`` (both fp16)::
 
     w = d * q + m
 
-PyTorch's CPU int4 weight-only matmul (``aten._weight_int4pack_mm_for_cpu``) computes ``x @ W.T``
-with, for the group ``g = k // group_size`` of input ``k``::
+Decoding (one row at a time) computes ``x @ W.T`` from those blocks with the C kernel of
+``gguf_matmul.c`` (built on this machine by :mod:`engram_app.inference.native`): the codes in
+GGUF's nibble order, ``d`` and ``m`` in fp32, the codes widened to fp32 in registers and the sums
+kept in fp32, so the output is the dequantised layer's to fp32 rounding. Prompts (several rows)
+go through the fp32 weight instead (:attr:`Int4Linear.dense`, mapped from the converted model's
+file): MKL's GEMM beats any 4-bit kernel once there are several rows.
+
+Where no C compiler is found, decoding uses PyTorch's CPU int4 weight-only matmul
+(``aten._weight_int4pack_mm_for_cpu``), which computes, for the group ``g = k // group_size`` of
+input ``k``::
 
     W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]
 
 so ``scale = d`` and ``zero = m + 8 d`` is the same weight. In fp32 that is exact (d and m are fp16
-values); the kernel is only vectorised for bf16 inputs, though, so the runtime computes in bf16 by
-default: activations and the scales are rounded to bf16 at each linear layer (the weights' codes
-are untouched, the residual stream, norms, attention and the Engram memory stay fp32).
-``bench/decode_int4.py`` measures what that changes: teacher-forced top-1 agreement with the fp32
+values) but slow; the kernel is only vectorised for bf16 inputs, so that fallback computes in bf16:
+activations and the scales are rounded to bf16 at each linear layer (the weights' codes are
+untouched, the residual stream, norms, attention and the Engram memory stay fp32).
+``bench/decode_int4.py`` measures what each changes: teacher-forced top-1 agreement with the fp32
 model and identical greedy replies (docs/BENCHMARKS.md).
 
 The output layer of the bundled model is tied to the embeddings, which the file stores as Q8_0
-(32 int8 codes ``c`` and one fp16 scale ``d`` per block: ``w = d * c``). Each code splits exactly
-into two 4-bit halves, ``c = 16 * hi + lo`` with ``hi`` in -8..7 and ``lo`` in 0..15, so the
-output layer is one int4 matmul over the input written twice (``[x, x]``): the first copy's
-weights are ``16 d * hi``, the second's ``d * lo``. Logits computed in bf16 are rounded to bf16's
-spacing (1/8 at |logit| 16), enough to swap two near-equal top tokens; so the ``rescore`` best
-logits are computed again exactly in fp32 from the (fp32) embedding rows, which keeps the top
-token and its neighbours the fp32 model's.
+(32 int8 codes ``c`` and one fp16 scale ``d`` per block: ``w = d * c``). The C kernel reads those
+codes as they are. For PyTorch's int4 kernel each code splits exactly into two 4-bit halves,
+``c = 16 * hi + lo`` with ``hi`` in -8..7 and ``lo`` in 0..15, so the output layer is one int4
+matmul over the input written twice (``[x, x]``): the first copy's weights are ``16 d * hi``, the
+second's ``d * lo`` (this split is how the blocks are read from the file either way). Logits
+computed in bf16 are rounded to bf16's spacing (1/8 at |logit| 16), enough to swap two near-equal
+top tokens; so with that kernel the ``rescore`` best logits are computed again exactly in fp32
+from the (fp32) embedding rows, which keeps the top token and its neighbours the fp32 model's.
 
 Blocks are only used when they reproduce the loaded fp32 weights bit for bit (the converted model
 was dequantised from the same file): anything else keeps its fp32 layer, with a log line.
@@ -37,13 +46,17 @@ was dequantised from the same file): anything else keeps its fp32 layer, with a 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from engram_app.inference.native import Kernels
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +166,29 @@ def unsupported(blocks: Q4Blocks, input_copies: int = 1) -> str | None:
     return None
 
 
+class _Shared:
+    """A tensor that copies of a module share: ``copy.deepcopy`` returns the same holder."""
+
+    def __init__(self, tensor: torch.Tensor | None):
+        self.tensor = tensor
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        return self
+
+
 class Int4Linear(nn.Linear):
     """A frozen linear layer whose weight is held as packed 4-bit codes with per-group scale and zero.
 
-    It takes and returns fp32 (the model's dtype); inside, the CPU kernel computes in
-    ``compute_dtype`` (bf16: vectorised; fp32: exact but several times slower on this kernel).
+    It takes and returns fp32 (the model's dtype). One row at a time (decoding) goes through a
+    4-bit kernel, either
+    - ``kernels`` (``gguf_matmul.c``, built on this machine by :mod:`native`): the codes in GGUF's
+      own nibble order, widened to fp32 and accumulated in fp32: the dequantised layer's output to
+      fp32 rounding; or, where no C compiler is found,
+    - PyTorch's ``_weight_int4pack_mm_for_cpu`` in ``compute_dtype`` (bf16: vectorised, but it
+      rounds the input, output and scales to bf16; fp32: exact, several times slower).
+    More rows at once (a prompt, a teacher-forced text) go through :attr:`dense`, the fp32 weight,
+    when the layer was given one: MKL's fp32 GEMM beats both 4-bit kernels from two rows up, and a
+    prompt reads its weights once for all its rows (the runtime maps it from the model's file).
     ``input_copies`` is 2 for a Q8_0 weight split into two 4-bit halves (:func:`unpack_q8_0_as_q4`).
 
     It has no ``weight`` parameter (nothing to train). It is an ``nn.Linear`` only so that PEFT's
@@ -166,7 +197,7 @@ class Int4Linear(nn.Linear):
     """
 
     def __init__(self, blocks: Q4Blocks, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16, input_copies: int = 1):
+                 compute_dtype: torch.dtype = torch.bfloat16, input_copies: int = 1, kernels: Kernels | None = None):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate an fp32 weight
         self.register_parameter("weight", None)
         problem = unsupported(blocks, input_copies)
@@ -177,47 +208,101 @@ class Int4Linear(nn.Linear):
         self.out_features = out_features
         self.group_size = blocks.group_size
         self.input_copies = input_copies
-        self.compute_dtype = compute_dtype
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32).contiguous(),
-                                                                   INNER_K_TILES)
-        zero = blocks.minimum + 8 * blocks.scale  # (q - 8) * d + (m + 8 d) == d * q + m
-        scales_and_zeros = torch.stack([blocks.scale, zero], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
-        self.register_buffer("qweight", packed)  # the name PEFT looks for on a quantised layer
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype))
+        self.kernels = kernels
+        self.dense = None
+        if kernels is not None and input_copies == 2:  # Q8_0: its int8 codes put back together from the halves
+            self.compute_dtype = torch.float32
+            first, second = blocks.codes[:, :self.in_features], blocks.codes[:, self.in_features:]
+            codes = (16 * (first.to(torch.int16) - 8) + second).to(torch.int8)
+            self.register_buffer("qweight", codes.contiguous())
+            self.register_buffer("scales_and_mins", blocks.scale[:, None, self.in_features // GROUP_SIZE:].contiguous())
+        elif kernels is not None:
+            self.compute_dtype = torch.float32
+            grouped = blocks.codes.view(out_features, packed_in // GROUP_SIZE, GROUP_SIZE)
+            codes = grouped[..., :16] | (grouped[..., 16:] << 4)  # GGUF's order: weights j and j + 16 in byte j
+            self.register_buffer("qweight", codes.reshape(out_features, packed_in // 2).contiguous())
+            self.register_buffer("scales_and_mins", torch.stack([blocks.scale, blocks.minimum], 1).contiguous())
+        else:
+            self.compute_dtype = compute_dtype
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32).contiguous(),
+                                                                       INNER_K_TILES)
+            zero = blocks.minimum + 8 * blocks.scale  # (q - 8) * d + (m + 8 d) == d * q + m
+            scales_and_zeros = torch.stack([blocks.scale, zero], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+            self.register_buffer("qweight", packed)  # the name PEFT looks for on a quantised layer
+            self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_packed(cls, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, out_features: int,
-                    group_size: int, input_copies: int = 1, bias: torch.Tensor | None = None) -> Int4Linear:
-        """A layer from what an earlier one held (:func:`save_layers`): no packing to do again."""
+    def from_packed(cls, qweight: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int,
+                    group_size: int, input_copies: int = 1, bias: torch.Tensor | None = None,
+                    kernels: Kernels | None = None) -> Int4Linear:
+        """A layer from what an earlier one held (:func:`save_layers`): no packing to do again.
+
+        ``scales``: ``scales_and_mins`` with ``kernels``, else ``scales_and_zeros``.
+        """
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.register_parameter("weight", None)
         layer.in_features, layer.out_features = in_features, out_features
         layer.group_size, layer.input_copies = group_size, input_copies
-        layer.compute_dtype = scales_and_zeros.dtype
-        if tuple(qweight.shape) != (out_features, in_features * input_copies // 2) or \
-                tuple(scales_and_zeros.shape) != (in_features * input_copies // group_size, out_features, 2):
-            raise ValueError(f"packed shapes {tuple(qweight.shape)}, {tuple(scales_and_zeros.shape)} do not fit "
+        layer.kernels = kernels
+        layer.dense = None
+        groups = in_features * input_copies // group_size
+        if kernels is None:
+            shapes = (out_features, in_features * input_copies // 2), (groups, out_features, 2)
+        elif input_copies == 2:
+            shapes = (out_features, in_features), (out_features, 1, in_features // group_size)
+        else:
+            shapes = (out_features, in_features // 2), (out_features, 2, groups)
+        if (tuple(qweight.shape), tuple(scales.shape)) != shapes:
+            raise ValueError(f"packed shapes {tuple(qweight.shape)}, {tuple(scales.shape)} do not fit "
                              f"{out_features}x{in_features}")
+        layer.compute_dtype = torch.float32 if kernels is not None else scales.dtype
         layer.register_buffer("qweight", qweight)
-        layer.register_buffer("scales_and_zeros", scales_and_zeros)
+        layer.register_buffer("scales_and_mins" if kernels is not None else "scales_and_zeros", scales)
         layer.register_buffer("bias", bias)
         return layer
 
+    @property
+    def dense(self) -> torch.Tensor | None:
+        """The fp32 weight for prompts: not a buffer (never saved), and shared by copies of the layer."""
+        return self._dense.tensor
+
+    @dense.setter
+    def dense(self, weight: torch.Tensor | None) -> None:
+        self._dense = _Shared(weight)
+
+    @property
+    def backend(self) -> str:
+        """Which 4-bit kernel decodes: ``native`` (exact fp32) or ``torch-bf16`` / ``torch-fp32``."""
+        return "native" if self.kernels is not None else f"torch-{str(self.compute_dtype).removeprefix('torch.')}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.input_copies > 1:
-            flat = flat.repeat(1, self.input_copies)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.compute_dtype), self.qweight, self.group_size,
-                                                       self.scales_and_zeros).to(x.dtype)
+        if flat.shape[0] > 1 and self.dense is not None:
+            return F.linear(x, self.dense.to(x.dtype), self.bias)
+        if self.kernels is not None:
+            matmul = self.kernels.q8_0_matmul if self.input_copies == 2 else self.kernels.q4_1_matmul
+            step = self.kernels.max_rows
+            flat = flat.float()
+            if flat.shape[0] <= step:  # decoding: one row
+                y = matmul(flat, self.qweight, self.scales_and_mins, self.out_features)
+            else:
+                y = torch.cat([matmul(flat[i:i + step], self.qweight, self.scales_and_mins, self.out_features)
+                               for i in range(0, flat.shape[0], step)])
+            y = y.to(x.dtype)
+        else:
+            if self.input_copies > 1:
+                flat = flat.repeat(1, self.input_copies)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(self.compute_dtype), self.qweight, self.group_size,
+                                                           self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"compute={str(self.compute_dtype).removeprefix('torch.')}, copies={self.input_copies}")
+                f"kernel={self.backend}, copies={self.input_copies}, dense={self.dense is not None}")
 
 
 class RescoredLogits(nn.Module):
@@ -244,6 +329,24 @@ class RescoredLogits(nn.Module):
         return logits
 
 
+def decode_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The logits of ``ids`` read as decoding reads them: one token per forward, with the cache.
+
+    A whole text in one forward goes through the layers' fp32 prompt path (:attr:`Int4Linear.dense`);
+    this measures the 4-bit kernels (bench/decode_int4.py, tests).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    rows = []
+    with torch.inference_mode():
+        for token in ids:
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.append(out.logits[0, -1])
+    return torch.stack(rows)
+
+
 # --- which layers, from a GGUF file ---------------------------------------------------------
 
 
@@ -265,10 +368,13 @@ class QuantReport:
     bytes_after: int = 0
     seconds: float = 0.0
     cached: bool = False  # the blocks came from the cache file, not from the GGUF file
+    kernel: str = ""  # Int4Linear.backend of the layers
+    dense_mapped: int = 0  # layers whose fp32 weight (for prompts) is mapped from the model's file
 
     def summary(self) -> str:
         return (f"{len(self.quantized)} linear layers in 4 bits ({self.bytes_before / 2**20:.0f} MB of fp32 weights "
-                f"-> {self.bytes_after / 2**20:.0f} MB), {len(self.kept)} kept in fp32, "
+                f"-> {self.bytes_after / 2**20:.0f} MB, {self.kernel} kernel; prompts through fp32 weights, "
+                f"{self.dense_mapped} mapped from the file), {len(self.kept)} kept in fp32, "
                 f"{self.seconds:.1f} s{' (cached layers)' if self.cached else ''}")
 
 
@@ -369,17 +475,48 @@ def _output_blocks(model: nn.Module, tensors: dict, found: dict[str, LayerBlocks
 # --- putting them in the model --------------------------------------------------------------
 
 
-def _install(model: nn.Module, name: str, new: Int4Linear, rescore: int, report: QuantReport) -> None:
-    """Put ``new`` in place of the linear layer ``name`` (the output layer wrapped for re-scoring)."""
+def _install(model: nn.Module, name: str, new: Int4Linear, rescore: int, report: QuantReport,
+             dense: dict[str, torch.Tensor] | None = None) -> None:
+    """Put ``new`` in place of the linear layer ``name``, with its fp32 weight for prompts.
+
+    That weight is ``dense[name]`` (mapped from the model's file: :func:`mapped_weights`) when it is
+    the loaded one, else the loaded layer's own. The output layer of the bf16 kernel is wrapped
+    for re-scoring (the exact kernel needs none).
+    """
     old = model.get_submodule(name)
+    weight = old.weight.detach()
+    mapped = (dense or {}).get(name)
+    if mapped is not None and mapped.shape == weight.shape and mapped.dtype == weight.dtype:
+        new.dense = mapped
+        report.dense_mapped += 1
+    else:
+        new.dense = weight
     layer: nn.Module = new
-    if old is model.get_output_embeddings() and rescore:
-        layer = RescoredLogits(new, old.weight.detach(), rescore)
+    if old is model.get_output_embeddings() and rescore and new.kernels is None:
+        layer = RescoredLogits(new, weight, rescore)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     report.quantized.append(name)
-    report.bytes_before += old.weight.numel() * old.weight.element_size()
+    report.kernel = new.backend
+    report.bytes_before += weight.numel() * weight.element_size()
     report.bytes_after += sum(b.numel() * b.element_size() for b in new.buffers())
+
+
+def mapped_weights(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The fp32 weights of linear layers ``names`` in a safetensors file, memory-mapped, not copied.
+
+    Prompts read them (:attr:`Int4Linear.dense`): the pages are the operating system's file cache,
+    which it can drop and read again, not memory the app holds. Names not in the file are left out.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            return {name: handle.get_tensor(f"{name}.weight") for name in names if f"{name}.weight" in keys}
+    except (OSError, SafetensorError) as exc:
+        log.warning("Could not map %s (%s): prompts use the loaded fp32 weights.", path, exc)
+        return {}
 
 
 def _keep_fingerprint(model: nn.Module) -> None:
@@ -391,12 +528,16 @@ def _keep_fingerprint(model: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, found: dict[str, LayerBlocks], compute_dtype: torch.dtype = torch.bfloat16,
-                   rescore: int = 16) -> QuantReport:
+                   rescore: int = 16, kernels: Kernels | None = None,
+                   dense: dict[str, torch.Tensor] | None = None) -> QuantReport:
     """Replace the named linear layers of ``model`` by :class:`Int4Linear` layers, in place.
 
-    The output layer gets ``rescore`` exact fp32 logits per position (:class:`RescoredLogits`;
-    0: none). The model keeps the fingerprint of the fp32 weights it was built from, so that
-    memories saved for that model still load onto it (engram/model.py ``BLOCKS_FINGERPRINT_ATTR``).
+    ``kernels``: decode with the exact C kernel (:mod:`native`); None: PyTorch's in ``compute_dtype``.
+    The output layer of the bf16 kernel gets ``rescore`` exact fp32 logits per position
+    (:class:`RescoredLogits`; 0: none). ``dense``: fp32 weights mapped from the model's file, for
+    prompts (:func:`_install`). The model keeps the fingerprint of the fp32 weights it was built
+    from, so that memories saved for that model still load onto it (engram/model.py
+    ``BLOCKS_FINGERPRINT_ATTR``).
     """
     report = QuantReport()
     if found:
@@ -407,22 +548,24 @@ def quantize_model(model: nn.Module, found: dict[str, LayerBlocks], compute_dtyp
             report.kept[name] = problem
             continue
         old = model.get_submodule(name)
-        _install(model, name, Int4Linear(layer.blocks, old.bias, compute_dtype, layer.input_copies), rescore, report)
+        _install(model, name, Int4Linear(layer.blocks, old.bias, compute_dtype, layer.input_copies, kernels),
+                 rescore, report, dense)
     return report
 
 
 # --- the cache: packed layers saved next to the converted model -----------------------------
 
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"
 
 
-def _cache_key(source: str) -> dict[str, str]:
-    """What a cache file must have been written from: the GGUF (``source``), and this torch (its packing)."""
-    return {"format": CACHE_FORMAT, "source": source, "torch": torch.__version__, "inner_k_tiles": str(INNER_K_TILES)}
+def _cache_key(source: str, kernel: str) -> dict[str, str]:
+    """What a cache file must have been written from: the GGUF (``source``), this torch (its packing), the kernel."""
+    return {"format": CACHE_FORMAT, "source": source, "torch": torch.__version__, "inner_k_tiles": str(INNER_K_TILES),
+            "kernel": kernel}
 
 
 def save_layers(path: Path, model: nn.Module, source: str) -> None:
-    """Write ``model``'s :class:`Int4Linear` layers, packed as the kernel reads them, to a safetensors file.
+    """Write ``model``'s :class:`Int4Linear` layers, packed as their kernel reads them, to a safetensors file.
 
     Packing for the kernel takes ~5 s for the bundled model; loading the packed bytes well under one.
     Written under a temporary name and renamed into place.
@@ -433,75 +576,88 @@ def save_layers(path: Path, model: nn.Module, source: str) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
+    kernel = ""
     for name, module in model.named_modules():
         if isinstance(module, RescoredLogits):  # saved under the output layer's own name
             module = module.approximate
         elif not isinstance(module, Int4Linear) or name.endswith(".approximate"):
             continue
         if isinstance(module, Int4Linear):
+            kernel = module.backend
             tensors[f"{name}.qweight"] = module.qweight
-            tensors[f"{name}.scales_and_zeros"] = module.scales_and_zeros
+            scales = module.scales_and_mins if module.kernels is not None else module.scales_and_zeros
+            tensors[f"{name}.scales"] = scales
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias
             layers[name] = {"in": module.in_features, "out": module.out_features, "group": module.group_size,
                             "copies": module.input_copies}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={**_cache_key(source), "layers": json.dumps(layers)})
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes may write it at once
+    try:
+        save_file(tensors, str(tmp), metadata={**_cache_key(source, kernel), "layers": json.dumps(layers)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def load_layers(path: Path, source: str) -> dict[str, Int4Linear] | None:
-    """Layers saved by :func:`save_layers` from ``source`` with this torch; None when missing, stale or unreadable."""
+def load_layers(path: Path, source: str, kernels: Kernels | None = None,
+                compute_dtype: torch.dtype = torch.bfloat16) -> dict[str, Int4Linear] | None:
+    """Layers saved by :func:`save_layers` from ``source`` with this torch for the same kernel; None when
+    missing, stale, for another kernel or unreadable."""
     import json
 
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return None
+    kernel = "native" if kernels is not None else f"torch-{str(compute_dtype).removeprefix('torch.')}"
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            if any(metadata.get(k) != v for k, v in _cache_key(source).items()):
+            if any(metadata.get(k) != v for k, v in _cache_key(source, kernel).items()):
                 return None
             names = set(handle.keys())
             layers = {}
             for name, shape in json.loads(metadata["layers"]).items():
                 bias = handle.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
                 layers[name] = Int4Linear.from_packed(handle.get_tensor(f"{name}.qweight"),
-                                                      handle.get_tensor(f"{name}.scales_and_zeros"), shape["in"],
-                                                      shape["out"], shape["group"], shape["copies"], bias)
+                                                      handle.get_tensor(f"{name}.scales"), shape["in"],
+                                                      shape["out"], shape["group"], shape["copies"], bias, kernels)
             return layers
     except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
         log.warning("Ignoring the 4-bit cache %s (%s): reading the GGUF file again.", path, exc)
         return None
 
 
-def _fits(model: nn.Module, layers: dict[str, Int4Linear], compute_dtype: torch.dtype) -> bool:
-    """Whether cached layers replace linear layers of ``model`` of the same sizes, computing in ``compute_dtype``."""
+def _fits(model: nn.Module, layers: dict[str, Int4Linear]) -> bool:
+    """Whether cached layers replace linear layers of ``model`` of the same sizes."""
     modules = dict(model.named_modules())
     return all(isinstance(modules.get(name), nn.Linear) and not isinstance(modules[name], Int4Linear)
                and modules[name].weight.shape == (layer.out_features, layer.in_features)
-               and layer.compute_dtype == compute_dtype for name, layer in layers.items())
+               for name, layer in layers.items())
 
 
 def quantize_from_gguf(model: nn.Module, gguf_path: Path, cache: Path | None = None, source: str = "",
-                       compute_dtype: torch.dtype = torch.bfloat16, rescore: int = 16) -> QuantReport:
+                       compute_dtype: torch.dtype = torch.bfloat16, rescore: int = 16, kernels: Kernels | None = None,
+                       weights_file: Path | None = None) -> QuantReport:
     """Run ``model``'s linear layers from the 4-bit blocks of the GGUF file it was converted from.
 
     ``cache``: a file to keep the packed layers in (read instead of the GGUF file when it was written
-    from the same ``source`` with this torch; written otherwise), so only the first start pays for
-    reading and packing (~10-40 s for the bundled model on a busy 2-core machine).
+    from the same ``source`` with this torch for the same kernel; written otherwise), so only the
+    first start pays for reading and packing (~10-40 s for the bundled model on a busy 2-core
+    machine). ``weights_file``: the model's own safetensors file, mapped for prompts (:func:`_install`).
     """
     started = time.perf_counter()
-    cached = load_layers(cache, source) if cache is not None else None
-    if cached is not None and _fits(model, cached, compute_dtype):
+    cached = load_layers(cache, source, kernels, compute_dtype) if cache is not None else None
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    dense = mapped_weights(weights_file, linear) if weights_file is not None and weights_file.is_file() else None
+    if cached is not None and _fits(model, cached):
         report = QuantReport(cached=True)
         _keep_fingerprint(model)
         for name, layer in cached.items():
-            _install(model, name, layer, rescore, report)
+            _install(model, name, layer, rescore, report, dense)
     else:
         found, kept = gguf_blocks(model, gguf_path)
-        report = quantize_model(model, found, compute_dtype, rescore)
+        report = quantize_model(model, found, compute_dtype, rescore, kernels, dense)
         report.kept.update(kept)
         if cache is not None and report.quantized:
             try:
