@@ -39,7 +39,7 @@ def int4_chat_enabled() -> bool:
     the fp32 weights with the same replies (the C kernel computes in fp32: 2635 of 2635 tokens and
     20 of 20 greedy replies as the fp32 model's) and reads prompts through the fp32 weights, so
     prefill is as fast as before. Without a C compiler it falls back to PyTorch's bf16 kernel
-    (faster still, but 15 of 20 greedy replies the same). See docs/CHAT.md.
+    (about as fast, but 15 of 20 greedy replies the same). See docs/CHAT.md.
     """
     return os.environ.get("ENGRAM_INT4", "1").strip().lower() not in ("0", "off", "false", "no")
 
