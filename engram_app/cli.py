@@ -104,7 +104,7 @@ def cli() -> None:
 @click.option("--pack", default=None, help="Answer with this memory pack's active version.")
 @click.option("--no-memory", is_flag=True, help="With --pack: answer with the pack's base model, memory off.")
 @click.option("--retrieval", type=int, default=0, show_default=True,
-              help="Put the K library passages closest to the message into the prompt.")
+              help="Put the K library lines closest to the message into the system message.")
 @click.option("--conversation", type=int, default=None, help="Continue this conversation (its earlier turns).")
 @click.option("-c", "--continue", "continue_last", is_flag=True, help="Continue the last conversation.")
 @click.option("--remember", is_flag=True,

@@ -175,6 +175,10 @@ class Service:
     def search(self, query: str, k: int = 5, collection: str | None = None) -> list[dict]:
         return self.library().search(query, k=k, collection=collection)
 
+    def search_lines(self, query: str, k: int = 3, collection: str | None = None) -> list[dict]:
+        """The library lines nearest ``query``: what chat's retrieval puts in the prompt (ingest/library.py)."""
+        return self.library().search_lines(query, k=k, collection=collection)
+
     def delete_source(self, source_id: int) -> dict:
         return self.library().delete(source_id)
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from engram_app.cli import cli
 from engram_app.errors import EngramError
 from engram_app.inference import GenerationOptions
+from engram_app.inference.prompting import RETRIEVAL_HEADER, with_retrieved
 from engram_app.inference.tracing import TraceArrays
 from engram_app.service import Service
 from engram_app.settings import Settings
@@ -130,12 +131,15 @@ def test_the_turn_is_stored_with_a_compact_trace_and_the_version_used(trained):
     assert next(c for c in service.conversations() if c["id"] == result.conversation_id)["messages"] == 4
 
 
-def test_retrieval_puts_library_passages_into_the_prompt(trained):
+def test_retrieval_puts_the_nearest_library_line_alone_into_the_system_message(trained):
     service, _, notes = trained
     result = service.chat("What grows best in the sun?", options=SHORT, retrieval=1)
-    assert [r["source"] for r in result.retrieved] == [notes]
+    assert [(r["source"], r["text"]) for r in result.retrieved] == \
+        [(notes, "The basil grows best in the sun, and the mint spreads everywhere if nobody cuts it back.")]
     prompt = service.runtime.tokenizer.decode(result.prompt_ids)
-    assert "basil grows best in the sun" in prompt
+    system = prompt[:prompt.index("What grows best in the sun?")]
+    assert f"{RETRIEVAL_HEADER}\n- The basil grows best in the sun" in system  # before the user's message
+    assert "tomatoes" not in prompt and "compost" not in prompt  # the line, not its passage
 
 
 def test_chat_picks_up_a_new_version_without_a_restart(trained, tmp_path):
@@ -270,3 +274,15 @@ def test_a_pack_exported_and_imported_answers_the_same_and_bad_files_are_refused
         service.import_pack(tmp_path / "plain.zip")
     assert "bad" not in [p["name"] for p in service.packs()]
     assert not (service.settings.home / "packs" / "bad").exists()
+
+
+def test_retrieved_lines_go_first_in_one_system_message_with_the_conversations_own():
+    from engram_app.inference import Message
+
+    hits = [{"text": "My dog is called   Pixel."}, {"text": "I live in Porto."}]
+    chat = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
+            Message("user", "What is my dog called?")]
+    messages = with_retrieved(chat, hits)
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0].content == f"Be brief.\n\n{RETRIEVAL_HEADER}\n- My dog is called Pixel.\n- I live in Porto."
+    assert with_retrieved(chat[1:], []) == chat[1:]

@@ -18,6 +18,7 @@ from conftest import ROOT
 from engram_app.cli import cli
 from engram_app.ingest import Library
 from engram_app.ingest.chunking import chunk_records
+from engram_app.ingest.library import passage_lines
 from engram_app.ingest.records import Record
 from engram_app.store import open_db
 from engram_app.store.migrations import applied, migrate, registered
@@ -350,3 +351,27 @@ def test_thousands_of_files_in_one_call(library, tmp_path):
     assert sum(r.status == "failed" for r in results) == 500
     assert sum(r.status == "added" for r in results) == 1000
     assert library.db.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+# --- the lines chat's retrieval puts in the prompt ----------------------------------------------
+
+def test_passage_lines_are_sentences_without_markdown_marks_and_never_fragments():
+    text = ("# About me\n- My dog is called Pixel.\n* I live in Porto. I work as a glassblower!\n"
+            "2. My sister is called Amelia\n> A quoted line of mine.\nok then\n")
+    assert passage_lines(text) == ["My dog is called Pixel.", "I live in Porto.", "I work as a glassblower!",
+                                   "My sister is called Amelia", "A quoted line of mine."]
+
+
+def test_search_lines_ranks_the_lines_of_the_nearest_passages_one_by_one(tmp_path, library):
+    profile = tmp_path / "me.md"
+    profile.write_text("# About me\n- My dog is called Pixel.\n- I live in Porto.\n- I work as a glassblower.\n"
+                       "- My favourite colour is teal.\n")
+    notes = tmp_path / "garden.md"
+    notes.write_text("Garden notes\n\nThe tomatoes need water every morning. The basil grows best in the sun.\n")
+    library.ingest([profile, notes])
+    [job] = library.search_lines("What's my occupation?", k=1)
+    assert job["text"] == "I work as a glassblower." and job["title"].startswith("Profile")
+    lines = library.search_lines("Which plant likes the sun?", k=2)
+    assert lines[0]["text"] == "The basil grows best in the sun." and lines[0]["score"] >= lines[1]["score"]
+    found = [line["text"] for line in library.search_lines("me", k=20)]
+    assert len(found) == len(set(found)) == 6  # every line once; the headings are no lines

@@ -21,7 +21,7 @@ class ChatResult:
     traces: list | None = None  # TokenTrace per generated token, when the model wears a memory
     conversation_id: int | None = None
     message_id: int | None = None
-    retrieved: tuple = ()  # the library chunks put into the prompt (retrieval mode)
+    retrieved: tuple = ()  # the library lines put into the prompt (retrieval mode)
 
     @property
     def ids(self) -> list[int]:
@@ -88,14 +88,15 @@ def generate_turn(runtime: Runtime, messages: list[Message],
 def chat_turn(service: Service, message: str, history: Sequence[Message], options: GenerationOptions | None,
               pack: str | None, memory: bool, retrieval: int, conversation: int | None,
               save: bool) -> Iterator[GeneratedToken]:
-    """A whole chat turn, as :meth:`Service.chat_stream` runs it: the retrieved passages (top
-    ``retrieval``) put before the message, the reply streamed with its memory trace, and the turn
+    """A whole chat turn, as :meth:`Service.chat_stream` runs it: the library lines nearest the
+    message (top ``retrieval``) in the system message (inference/prompting.py), the reply streamed
+    with its memory trace, and the turn
     saved to ``conversation`` (a new one when None) with ``save``. Returns the :class:`ChatResult`."""
     runtime = service.chat_runtime(pack, memory)
-    retrieved = service.search(message, k=retrieval) if retrieval > 0 else []
+    retrieved = service.search_lines(message, k=retrieval) if retrieval > 0 else []
     if conversation is not None and not history:
         history = service.conversation_messages(conversation)
-    turn = yield from generate_turn(runtime, [*history, Message("user", with_retrieved(message, retrieved))], options)
+    turn = yield from generate_turn(runtime, with_retrieved([*history, Message("user", message)], retrieved), options)
     conversation_id = message_id = None
     if save:
         pack_id = service.packs_store().row(pack)["id"] if pack and memory else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -436,6 +437,24 @@ class Library:
         return [{"chunk": rows[i][0], "source": rows[i][3], "title": rows[i][4], "score": round(float(scores[i]), 4),
                  "text": rows[i][2]} for i in top]
 
+    def search_lines(self, query: str, k: int = 3, collection: str | None = None, passages: int = 4) -> list[dict]:
+        """The ``k`` lines of the library nearest in meaning to ``query``: what chat's retrieval puts in the prompt.
+
+        The ``passages`` nearest chunks (:meth:`search`), cut into lines and sentences
+        (:func:`passage_lines`), ranked again one by one: a small model answers from a short fact
+        it is given, not from a page (bench/held_out_retrieval.py). Same keys as :meth:`search`, the
+        ``text`` one line, ``score`` that line's.
+        """
+        hits = self.search(query, k=max(k, passages), collection=collection)
+        candidates = [(hit, line) for hit in hits for line in passage_lines(hit["text"])]
+        unique = list({line: (hit, line) for hit, line in reversed(candidates)}.values())[::-1]  # first hit wins
+        if not unique:
+            return []
+        vectors = self.embedder.encode([line for _, line in unique])
+        scores = vectors @ self.embedder.encode([query])[0]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [{**unique[i][0], "score": round(float(scores[i]), 4), "text": unique[i][1]} for i in top]
+
     def delete(self, source_id: int) -> dict:
         """Forget a source's content (records, chunks, embeddings, original file).
 
@@ -454,3 +473,18 @@ class Library:
         if sha and not self.db.execute("select 1 from sources where sha256 = ? and status = 'ready'", [sha]).fetchone():
             (self.uploads / sha).unlink(missing_ok=True)
         return self.source(source_id)
+
+
+_MARKUP = re.compile(r"^[\s>*+#\-]*(?:\d+[.)]\s+)?")  # a bullet, a quote, a heading mark or a list number
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def passage_lines(text: str, min_words: int = 3) -> list[str]:
+    """A passage's lines and sentences without markdown marks, each of at least ``min_words`` words."""
+    lines = []
+    for raw in text.splitlines():
+        for sentence in _SENTENCE_END.split(_MARKUP.sub("", raw).strip()):
+            sentence = sentence.strip()
+            if len(sentence.split()) >= min_words:
+                lines.append(sentence)
+    return lines

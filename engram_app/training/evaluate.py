@@ -155,12 +155,20 @@ def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_token
 def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
     """The greedy reply (token ids, up to the end-of-sequence token) to each prompt, ``batch_size`` at a
     time, left-padded (a padded position hashes like the start of a sequence)."""
+    return generate_batch_ids(model, tokenizer, [prompt_ids(tokenizer, prompt) for prompt in prompts], max_new_tokens,
+                              batch_size)
+
+
+@torch.no_grad()
+def generate_batch_ids(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                       batch_size: int = 16) -> list[list[int]]:
+    """:func:`generate_batch` for prompts already made into token ids (e.g. with a system message)."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     stop = {tokenizer.eos_token_id, pad}
     replies: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts[start: start + batch_size]]
+        encoded = list(prompts[start: start + batch_size])
         width = max(len(p) for p in encoded)
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -2,7 +2,7 @@
 
 Every turn is kept in SQLite (the conversation list reopens it); a reply generated with a memory
 carries its trace, which the Inspect view shows. The compare view answers one message three
-ways: memory on, memory off, and retrieval (library passages in the prompt).
+ways: memory on, memory off, and retrieval (the library lines nearest the question in the prompt).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def open_conversation(service: Service, tab: ChatTab, conversation: int | None) 
 def compare_answers(service: Service, tab: ChatTab, question: str, pack: str | None, retrieval: float,
                     max_new_tokens: float) -> Iterator[dict]:
     """Answer ``question`` three ways, one after the other, each streamed into its box: with the pack's
-    memory, without it, and without it but with ``retrieval`` library passages in the prompt."""
+    memory, without it, and without it but with the ``retrieval`` nearest library lines in the prompt."""
     question = (question or "").strip()
     if not question:
         raise gr.Error("Type a question to compare.")
@@ -200,7 +200,7 @@ def _layout() -> ChatTab:
                            info="The model wears this pack's active version.")
         memory = gr.Checkbox(value=True, label="Memory on", elem_id="chat-memory", scale=1,
                              info="Off: the same pack's base model, no memory.")
-        retrieval = gr.Slider(0, 8, value=0, step=1, label="Retrieval: library passages in the prompt",
+        retrieval = gr.Slider(0, 8, value=0, step=1, label="Retrieval: the library lines nearest your message, in the prompt",
                               elem_id="chat-retrieval", scale=2)
         conversations = gr.Dropdown([], value=None, label="Conversations", elem_id="chat-conversations", scale=3,
                                     info="Reopen an earlier conversation.")
@@ -232,7 +232,7 @@ def _layout() -> ChatTab:
             compare_message = gr.Textbox(placeholder="A question to answer three ways", show_label=False,
                                          elem_id="compare-input", scale=8)
             compare = gr.Button("Compare", variant="primary", elem_id="compare-run", scale=1)
-        compare_k = gr.Slider(1, 8, value=3, step=1, label="Passages for the retrieval answer")
+        compare_k = gr.Slider(1, 8, value=3, step=1, label="Library lines for the retrieval answer")
         with gr.Row():
             answer_on = gr.Textbox(label="Memory on", lines=6, interactive=False, elem_id="compare-on")
             answer_off = gr.Textbox(label="Memory off", lines=6, interactive=False, elem_id="compare-off")
