@@ -77,16 +77,16 @@ static inline float minimum_dot(const float *m, const float *sums, int64_t group
 /* sum over g of d[g] * (codes of group g . x of group g), the codes widened to fp32. */
 static inline float scaled_dot(const uint8_t *c, const float *d, const float *x, int64_t groups) {
 #if defined(__AVX512F__)
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+    /* The 16 bytes of a group widened once to 16 int32 lanes; each lane's low nibble is weight j,
+     * its high nibble weight j + 16. */
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  /* two chains: groups g and g + 1 */
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {
-        __m128i b0 = _mm_loadu_si128((const __m128i *)(c + g * 16));
-        __m128i b1 = _mm_loadu_si128((const __m128i *)(c + g * 16 + 16));
-        __m512 lo0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, low4)));
-        __m512 hi0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), low4)));
-        __m512 lo1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b1, low4)));
-        __m512 hi1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), low4)));
+        __m512i w0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + g * 16)));
+        __m512i w1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + g * 16 + 16)));
+        __m512 lo0 = _mm512_cvtepi32_ps(_mm512_and_si512(w0, low4)), hi0 = _mm512_cvtepi32_ps(_mm512_srli_epi32(w0, 4));
+        __m512 lo1 = _mm512_cvtepi32_ps(_mm512_and_si512(w1, low4)), hi1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(w1, 4));
         const float *xg = x + g * GROUP;
         __m512 t0 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xg + 16), _mm512_mul_ps(lo0, _mm512_loadu_ps(xg)));
         __m512 t1 = _mm512_fmadd_ps(hi1, _mm512_loadu_ps(xg + 48), _mm512_mul_ps(lo1, _mm512_loadu_ps(xg + 32)));
@@ -94,9 +94,8 @@ static inline float scaled_dot(const uint8_t *c, const float *d, const float *x,
         acc1 = _mm512_fmadd_ps(_mm512_set1_ps(d[g + 1]), t1, acc1);
     }
     for (; g < groups; g++) {
-        __m128i b0 = _mm_loadu_si128((const __m128i *)(c + g * 16));
-        __m512 lo0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, low4)));
-        __m512 hi0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), low4)));
+        __m512i w0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + g * 16)));
+        __m512 lo0 = _mm512_cvtepi32_ps(_mm512_and_si512(w0, low4)), hi0 = _mm512_cvtepi32_ps(_mm512_srli_epi32(w0, 4));
         const float *xg = x + g * GROUP;
         __m512 t0 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xg + 16), _mm512_mul_ps(lo0, _mm512_loadu_ps(xg)));
         acc0 = _mm512_fmadd_ps(_mm512_set1_ps(d[g]), t0, acc0);
