@@ -81,6 +81,14 @@ def test_saved_int4_layers_load_back_bit_for_bit_and_only_for_the_source_and_ker
         if layer.in_features == 64:
             assert torch.equal(loaded[name](x), layer(x))
     assert load_layers(path, source="gguf-2", kernels=use) is None
+    if use:  # the C kernel reads raw memory: a layout it was not written for is refused, never read
+        layer = next(iter(originals.values()))
+        with pytest.raises(ValueError, match="layout"):
+            Int4Linear.from_packed(layer.qweight.to(torch.int32), layer.scales_and_mins, layer.in_features,
+                                   layer.out_features, 32, kernels=use)
+        with pytest.raises(ValueError, match="layout"):
+            Int4Linear.from_packed(layer.qweight, layer.scales_and_mins.half(), layer.in_features,
+                                   layer.out_features, 32, kernels=use)
     assert load_layers(path, source="gguf-1", kernels=None if use else kernels) is None  # the other kernel's layout
     path.write_bytes(b"not safetensors")
     assert load_layers(path, source="gguf-1", kernels=use) is None

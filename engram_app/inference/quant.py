@@ -257,6 +257,12 @@ class Int4Linear(nn.Linear):
         if (tuple(qweight.shape), tuple(scales.shape)) != shapes:
             raise ValueError(f"packed shapes {tuple(qweight.shape)}, {tuple(scales.shape)} do not fit "
                              f"{out_features}x{in_features}")
+        if kernels is not None:  # the C kernel reads raw memory: only the exact layout it was written for
+            codes_dtype = torch.int8 if input_copies == 2 else torch.uint8
+            if qweight.dtype != codes_dtype or scales.dtype != torch.float32 or not (
+                    qweight.is_contiguous() and scales.is_contiguous()) or group_size != GROUP_SIZE:
+                raise ValueError(f"packed layer is {qweight.dtype}/{scales.dtype}, group {group_size}: "
+                                 f"not the C kernel's layout")
         layer.compute_dtype = torch.float32 if kernels is not None else scales.dtype
         layer.register_buffer("qweight", qweight)
         layer.register_buffer("scales_and_mins" if kernels is not None else "scales_and_zeros", scales)
