@@ -152,6 +152,17 @@ def test_without_a_c_compiler_or_with_engram_native_off_there_is_no_kernel_and_c
     native.load_kernels.cache_clear()
 
 
+def test_a_compiler_refusing_the_first_flags_builds_with_the_next_ones(tmp_path, monkeypatch):
+    native.load_kernels.cache_clear()
+    monkeypatch.setattr(native, "FLAG_SETS", (("-O3", "--no-such-flag-anywhere"), ("-O2",)))  # e.g. no -fopenmp
+    built = native.load_kernels(tmp_path)
+    native.load_kernels.cache_clear()
+    assert built is not None and not built.threaded  # built without OpenMP: one thread, same results
+    blocks = quantize_q4_1(torch.from_numpy(random_weight(64, 96, seed=8)))
+    x = torch.randn(1, 96)
+    torch.testing.assert_close(Int4Linear(blocks, kernels=built)(x), x @ blocks.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernel_is_built_once_into_its_folder_and_reused_by_the_next_start(kernels, tmp_path):
     native.load_kernels.cache_clear()  # a new process, as far as the memo knows
     again = native.load_kernels(kernels.path.parent)
@@ -195,6 +206,7 @@ def kernels(tmp_path_factory):
     native.load_kernels.cache_clear()
     built = native.load_kernels(tmp_path_factory.mktemp("kernels"))
     assert built is not None, "no C compiler found: install gcc or clang"
+    assert built.threaded  # gcc with OpenMP, as on the test machines
     return built
 
 

@@ -28,6 +28,14 @@
 
 int engram_max_rows(void) { return MAX_ROWS; }
 
+int engram_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int engram_vectorised(void) {
 #if defined(__AVX512F__)
     return 2;
