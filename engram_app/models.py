@@ -229,7 +229,7 @@ INT4_CACHE = "int4_layers.safetensors"  # next to a converted GGUF model: its pa
 KERNELS_DIR = "kernels"  # in the models folder: the 4-bit matmul compiled on this machine (inference/native.py)
 
 
-def use_int4(loaded: LoadedModel) -> bool:
+def use_int4(loaded: LoadedModel, exact_only: bool = False) -> bool:
     """Run a GGUF model's linear layers from the file's own 4-bit blocks, in place; True if it now does.
 
     For chat on the CPU: decoding reads ~6 bits per weight instead of 32 (engram_app/inference/quant.py;
@@ -237,6 +237,10 @@ def use_int4(loaded: LoadedModel) -> bool:
     any other model is left as it is. The model can no longer be trained (its linear layers have no
     parameters): the training worker loads its own fp32 copy. The first use reads the GGUF file
     and packs them (seconds) and keeps them in ``<model folder>/int4_layers.safetensors``.
+
+    Decoding uses the exact C kernel (inference/native.py) built into ``<models>/kernels/``;
+    ``exact_only``: unless that kernel is had here, vectorised and (with several threads) threaded,
+    leave the model in fp32 (else PyTorch's bf16 kernel is used).
     """
     from engram_app.inference.native import load_kernels
     from engram_app.inference.quant import quantize_from_gguf
@@ -247,7 +251,17 @@ def use_int4(loaded: LoadedModel) -> bool:
         return False
     gguf = Path(loaded.source.location)
     started = time.perf_counter()
-    kernels = load_kernels(loaded.path.parent / KERNELS_DIR if loaded.path else Path(tempfile.gettempdir()) / "engram-kernels")
+    kernels = None
+    if loaded.path is not None:  # never a shared temporary folder: another user could put a library there
+        try:
+            kernels = load_kernels(loaded.path.parent / KERNELS_DIR)
+        except Exception as exc:  # noqa: BLE001 - chat must load whatever went wrong with the kernel
+            log.warning("The 4-bit matmul kernel could not be loaded (%s).", exc)
+    fast = kernels is not None and kernels.vectorised > 0 and (kernels.threaded or torch.get_num_threads() == 1)
+    if exact_only and not fast:
+        log.info("Chat keeps the fp32 weights: the exact 4-bit kernel is %s here (ENGRAM_INT4=1 uses "
+                 "PyTorch's bf16 one).", "not built" if kernels is None else "not vectorised or threaded")
+        return False
     report = quantize_from_gguf(loaded.model, gguf, cache=loaded.path / INT4_CACHE if loaded.path else None,
                                 source=json.dumps(_gguf_fingerprint(gguf), sort_keys=True), kernels=kernels,
                                 weights_file=loaded.path / "model.safetensors" if loaded.path else None)

@@ -88,7 +88,8 @@ class Service:
              pack: str | None = None, memory: bool = True, retrieval: int = 0, conversation: int | None = None,
              save: bool = True) -> ChatResult:
         """Answer ``message`` (inference/chat.py: ``pack``'s active version unless not ``memory``, the top
-        ``retrieval`` library chunks in the prompt, the turn saved in ``conversation`` or a new one)."""
+        ``retrieval`` nearest library lines in the system message, the turn saved in ``conversation`` or a
+        new one)."""
         return self.chat_stream(message, history, options, pack, memory, retrieval, conversation, save).finish()
 
     def chat_stream(self, message: str, history: Sequence[Message] = (), options: GenerationOptions | None = None,

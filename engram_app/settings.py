@@ -32,16 +32,28 @@ _HOST_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 log = logging.getLogger(__name__)
 
 
-def int4_chat_enabled() -> bool:
-    """Whether chat runs a GGUF base model (the bundled one) from its 4-bit blocks on the CPU.
+def int4_chat_mode() -> str:
+    """How chat runs a GGUF base model (the bundled one) on the CPU: ``auto``, ``on`` or ``off``.
 
-    On unless ``ENGRAM_INT4`` is ``0``, ``off``, ``false`` or ``no``: it decodes ~1.5x faster than
-    the fp32 weights with the same replies (the C kernel computes in fp32: 2635 of 2635 tokens and
-    20 of 20 greedy replies as the fp32 model's) and reads prompts through the fp32 weights, so
-    prefill is as fast as before. Without a C compiler it falls back to PyTorch's bf16 kernel
-    (about as fast, but 15 of 20 greedy replies the same). See docs/CHAT.md.
+    ``ENGRAM_INT4`` unset (``auto``): from its 4-bit blocks where the exact C kernel builds and
+    is vectorised and threaded here (x86 with AVX2 or AVX-512, a C compiler with OpenMP): ~1.5x the
+    fp32 decode speed with the same replies (2635 of 2635 tokens, 20 of 20 greedy replies as the
+    fp32 model's) and prompts through the fp32 weights, as fast as before; elsewhere the fp32
+    weights, as measured nowhere else. ``1``/``on``/``true``/``yes``: 4-bit always, on PyTorch's bf16
+    kernel where the C one is not had (about as fast here, 15 of 20 greedy replies the same).
+    ``0``/``off``/``false``/``no``: the fp32 weights. See docs/CHAT.md.
     """
-    return os.environ.get("ENGRAM_INT4", "1").strip().lower() not in ("0", "off", "false", "no")
+    value = os.environ.get("ENGRAM_INT4", "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "auto"
+
+
+def int4_chat_enabled() -> bool:
+    """Whether chat may run a GGUF base model from its 4-bit blocks (:func:`int4_chat_mode` not ``off``)."""
+    return int4_chat_mode() != "off"
 
 
 def default_home() -> Path:

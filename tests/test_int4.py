@@ -163,6 +163,35 @@ def test_a_compiler_refusing_the_first_flags_builds_with_the_next_ones(tmp_path,
     torch.testing.assert_close(Int4Linear(blocks, kernels=built)(x), x @ blocks.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
+def test_the_kernel_refuses_anything_but_its_own_layout_before_reading_a_byte(kernels):
+    blocks = quantize_q4_1(torch.from_numpy(random_weight(64, 96, seed=9)))
+    layer = Int4Linear(blocks, kernels=kernels)
+    x = torch.randn(1, 96)
+    codes, scales = layer.qweight, layer.scales_and_mins
+    for bad_codes, bad_scales, out in [(codes.to(torch.int32), scales, 64), (codes, scales.half(), 64),
+                                       (codes[:32], scales, 64), (codes, scales[:, :, :2].contiguous(), 64),
+                                       (codes, scales, 128), (codes.t(), scales, 64)]:
+        with pytest.raises(native.NativeKernelError, match="not its layout"):
+            kernels.q4_1_matmul(x, bad_codes, bad_scales, out)
+    with pytest.raises(native.NativeKernelError, match="not its layout"):
+        kernels.q8_0_matmul(x, codes, scales, 64)  # Q4_1 codes are not Q8_0 ones
+    assert kernels.q4_1_matmul(torch.randn(0, 96), codes, scales, 64).shape == (0, 64)  # no rows: nothing called
+    assert layer(torch.randn(2, 0, 96)).shape == (2, 0, 64)
+
+
+def test_where_the_exact_kernel_is_not_had_auto_mode_keeps_chat_on_the_fp32_weights(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    import dataclasses
+
+    loaded = load_base_model(str(tiny_model_dir), tmp_path, resolve_device("cpu"))
+    loaded.source = dataclasses.replace(loaded.source, kind="gguf")  # as if converted from a GGUF file
+    native.load_kernels.cache_clear()
+    monkeypatch.setenv("ENGRAM_NATIVE", "0")  # as on a machine without a C compiler
+    assert not use_int4(loaded, exact_only=True) and loaded.weights == "dense"
+    assert all(type(m) is not Int4Linear for m in loaded.model.modules())
+    native.load_kernels.cache_clear()
+
+
 def test_the_kernel_is_built_once_into_its_folder_and_reused_by_the_next_start(kernels, tmp_path):
     native.load_kernels.cache_clear()  # a new process, as far as the memo knows
     again = native.load_kernels(kernels.path.parent)

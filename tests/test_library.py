@@ -375,3 +375,11 @@ def test_search_lines_ranks_the_lines_of_the_nearest_passages_one_by_one(tmp_pat
     assert lines[0]["text"] == "The basil grows best in the sun." and lines[0]["score"] >= lines[1]["score"]
     found = [line["text"] for line in library.search_lines("me", k=20)]
     assert len(found) == len(set(found)) == 6  # every line once; the headings are no lines
+
+
+def test_a_passage_of_short_lines_only_is_retrieved_whole_rather_than_not_at_all(tmp_path, library):
+    pets = tmp_path / "pets.txt"
+    pets.write_text("Dog: Rex\nCat: Tom\n")
+    library.ingest([pets])
+    [hit] = library.search_lines("What is my dog called?", k=1)
+    assert hit["text"] == "Dog: Rex Cat: Tom"

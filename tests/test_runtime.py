@@ -73,3 +73,16 @@ def test_bad_generation_options_are_refused(kwargs, message):
 def test_empty_prompt_is_refused(runtime):
     with pytest.raises(EngramError):
         list(runtime.stream_ids([]))
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user_turn(runtime, monkeypatch):
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+              "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    monkeypatch.setattr(runtime.tokenizer, "chat_template", strict)
+    ids = runtime.chat_ids([Message("system", "Facts: a b c"), Message("user", "hello there")])
+    assert runtime.tokenizer.decode(ids) == \
+        "<|im_start|>user\nFacts: a b c\n\nhello there<|im_end|>\n<|im_start|>assistant\n"
+    monkeypatch.setattr(runtime.tokenizer, "chat_template", strict.replace("m['role'] == 'system'", "true"))
+    with pytest.raises(Exception, match="System role not supported"):  # no system text to move: the error stands
+        runtime.chat_ids([Message("user", "hello there")])

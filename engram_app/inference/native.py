@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,33 +61,38 @@ class Kernels:
     def __deepcopy__(self, memo: dict) -> Kernels:
         return self  # a loaded library: copies of a model share it
 
-    @property
-    def _matmul(self):
-        return self.library.engram_q4_1_matmul
-
     def q4_1_matmul(self, x: torch.Tensor, codes: torch.Tensor, dm: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x @ W.T`` for fp32 ``x`` ``[rows, k]`` (rows <= :attr:`max_rows`) and a Q4_1 weight ``[out, k]``.
 
         ``codes``: uint8 ``[out, k // 2]`` in GGUF's nibble order; ``dm``: fp32 ``[out, 2, k // 32]`` (scales, then minimums).
         """
-        if not x.is_contiguous():
-            x = x.contiguous()
-        rows, k = x.shape
-        y = torch.empty(rows, out_features)
-        status = self._matmul(x.data_ptr(), rows, k, codes.data_ptr(), dm.data_ptr(), out_features, y.data_ptr(),
-                              torch.get_num_threads())
-        if status:
-            raise NativeKernelError(f"gguf_matmul.c refused {rows}x{k} -> {out_features} (status {status})")
-        return y
+        return self._call(self.library.engram_q4_1_matmul, x, codes, torch.uint8, 2, dm, 2, out_features)
 
     def q8_0_matmul(self, x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x @ W.T`` for a Q8_0 weight: ``codes`` int8 ``[out, k]``, ``d`` fp32 ``[out, 1, k // 32]``."""
+        return self._call(self.library.engram_q8_0_matmul, x, codes, torch.int8, 1, d, 1, out_features)
+
+    def _call(self, function, x: torch.Tensor, codes: torch.Tensor, codes_dtype: torch.dtype, per_code: int,
+              scales: torch.Tensor, scales_per_group: int, out_features: int) -> torch.Tensor:
+        """Check everything the C code will read or write through raw pointers, then call it."""
+        if x.dtype != torch.float32:
+            x = x.float()
         if not x.is_contiguous():
             x = x.contiguous()
         rows, k = x.shape
-        y = torch.empty(rows, out_features)
-        status = self.library.engram_q8_0_matmul(x.data_ptr(), rows, k, codes.data_ptr(), d.data_ptr(), out_features,
-                                                 y.data_ptr(), torch.get_num_threads())
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        if rows == 0:
+            return y
+        if not (x.device.type == codes.device.type == scales.device.type == "cpu"
+                and codes.dtype == codes_dtype and scales.dtype == torch.float32
+                and codes.is_contiguous() and scales.is_contiguous() and k % 32 == 0
+                and codes.numel() * per_code == out_features * k
+                and scales.numel() == out_features * scales_per_group * (k // 32)):
+            raise NativeKernelError(f"gguf_matmul.c called with {tuple(x.shape)} {x.dtype} x, {tuple(codes.shape)} "
+                                    f"{codes.dtype} codes, {tuple(scales.shape)} {scales.dtype} scales for "
+                                    f"{out_features} outputs: not its layout")
+        status = function(x.data_ptr(), rows, k, codes.data_ptr(), scales.data_ptr(), out_features, y.data_ptr(),
+                          torch.get_num_threads())
         if status:
             raise NativeKernelError(f"gguf_matmul.c refused {rows}x{k} -> {out_features} (status {status})")
         return y
@@ -110,7 +116,9 @@ def _cpu_flags() -> str:
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), _cpu_flags().encode(), repr((FLAG_SETS, COMMON_FLAGS)).encode()):
+    parts = (SOURCE.read_bytes(), version.encode(), _cpu_flags().encode(),
+             torch.backends.cpu.get_cpu_capability().encode(), repr((FLAG_SETS, COMMON_FLAGS)).encode())
+    for part in parts:
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -120,7 +128,9 @@ def _build(compiler: str, target: Path) -> None:
     """Compile with the first of :data:`FLAG_SETS` that works, under a temporary name renamed into
     place (two processes may build at once)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
     errors = []
     try:
         for flags in FLAG_SETS:
@@ -149,9 +159,14 @@ def load_kernels(directory: Path) -> Kernels | None:
         if not target.is_file():
             log.info("Building the 4-bit matmul kernel with %s into %s.", compiler, target)
             _build(compiler, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("Could not build the 4-bit matmul kernel (%s): 4-bit chat uses PyTorch's bf16 kernel.", exc)
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError:  # a file left broken (e.g. a disk filled up): build it again, once
+            target.unlink(missing_ok=True)
+            _build(compiler, target)
+            library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError, UnicodeError) as exc:
+        log.warning("Could not build the 4-bit matmul kernel (%s).", exc)
         return None
     for function in (library.engram_q4_1_matmul, library.engram_q8_0_matmul):
         function.restype = ctypes.c_int

@@ -91,7 +91,17 @@ class Runtime:
             raise EngramError("A chat needs at least one message.")
         turns = [{"role": m.role, "content": m.content} for m in messages]
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            from jinja2 import TemplateError
+
+            try:
+                text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            except TemplateError:
+                if not any(turn["role"] == "system" for turn in turns):
+                    raise
+                # A template without a system role (Gemma; Mistral's strict alternation): the system
+                # text opens the first user turn instead.
+                text = self.tokenizer.apply_chat_template(without_system(turns), tokenize=False,
+                                                          add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False)
         # A model without a chat template (a plain base model): plain text continuation.
         text = "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:"
@@ -170,3 +180,14 @@ class Runtime:
 
     def stream_chat(self, messages: Sequence[Message], options: GenerationOptions | None = None) -> Iterator[GeneratedToken]:
         return self.stream_ids(self.chat_ids(messages), options)
+
+
+def without_system(turns: list[dict]) -> list[dict]:
+    """Chat turns with their system messages' text put at the start of the first user turn."""
+    system = "\n\n".join(t["content"] for t in turns if t["role"] == "system")
+    rest = [dict(t) for t in turns if t["role"] != "system"]
+    first_user = next((t for t in rest if t["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system}, *rest]
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest

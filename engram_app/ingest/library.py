@@ -440,13 +440,14 @@ class Library:
     def search_lines(self, query: str, k: int = 3, collection: str | None = None, passages: int = 4) -> list[dict]:
         """The ``k`` lines of the library nearest in meaning to ``query``: what chat's retrieval puts in the prompt.
 
-        The ``passages`` nearest chunks (:meth:`search`), cut into lines and sentences
+        The ``max(k, passages)`` nearest chunks (:meth:`search`), cut into lines and sentences
         (:func:`passage_lines`), ranked again one by one: a small model answers from a short fact
         it is given, not from a page (bench/held_out_retrieval.py). Same keys as :meth:`search`, the
         ``text`` one line, ``score`` that line's.
         """
         hits = self.search(query, k=max(k, passages), collection=collection)
-        candidates = [(hit, line) for hit in hits for line in passage_lines(hit["text"])]
+        candidates = [(hit, line) for hit in hits  # a passage of short lines only ("Dog: Rex") stays whole
+                      for line in (passage_lines(hit["text"]) or [" ".join(hit["text"].split())[:1000]]) if line]
         unique = list({line: (hit, line) for hit, line in reversed(candidates)}.values())[::-1]  # first hit wins
         if not unique:
             return []

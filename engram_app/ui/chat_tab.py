@@ -220,7 +220,7 @@ def _layout() -> ChatTab:
         inspect = gr.Button("Inspect last reply", scale=1, elem_id="chat-inspect", interactive=False)
         unload = gr.Button("Unload pack", scale=1, elem_id="chat-unload", size="sm")
         remember = gr.Button("Save this conversation to memory", scale=1, elem_id="chat-remember", size="sm")
-    retrieved = gr.Dataframe(headers=["score", "source", "passage"], value=[], label="Passages put in the prompt",
+    retrieved = gr.Dataframe(headers=["score", "source", "line"], value=[], label="Library lines put in the prompt",
                              interactive=False, visible=False, elem_id="chat-retrieved", wrap=True)
     with gr.Accordion("Generation options", open=False):
         with gr.Row():
