@@ -183,7 +183,7 @@ class Int4Linear(nn.Linear):
     4-bit kernel, either
     - ``kernels`` (``gguf_matmul.c``, built on this machine by :mod:`native`): the codes in GGUF's
       own nibble order, widened to fp32 and accumulated in fp32: the dequantised layer's output to
-      fp32 rounding; or, where no C compiler is found,
+      fp32 rounding; or, where that kernel is not had (no C compiler, ``ENGRAM_NATIVE=0``),
     - PyTorch's ``_weight_int4pack_mm_for_cpu`` in ``compute_dtype`` (bf16: vectorised, but it
       rounds the input, output and scales to bf16; fp32: exact, several times slower).
     More rows at once (a prompt, a teacher-forced text) go through :attr:`dense`, the fp32 weight,
