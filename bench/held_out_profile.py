@@ -39,6 +39,18 @@ CONTROLS = [Probe("What is the capital of France?", "Paris"), Probe("How many da
             Probe("What colour is the sky on a clear day?", "blue"), Probe("Write one sentence about the sea.", "sea")]
 
 
+def train_profile(service, steps: int, seed: int) -> tuple[dict, float]:
+    """The ten facts as a profile file in ``service``'s library, trained into pack ``me`` as the app
+    trains it (``steps`` the cap); returns the job's result and its minutes."""
+    profile = service.settings.home / "me.md"
+    profile.write_text("# About me\n" + "".join(f"- {fact}\n" for fact in FACTS))
+    service.ingest([profile])
+    service.create_pack("me")
+    started = time.perf_counter()
+    result = run_job(service, "me", TrainOptions(max_steps=steps, seed=seed))
+    return result, (time.perf_counter() - started) / 60
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="the cap on training steps")
@@ -70,14 +82,8 @@ def main() -> None:
             return config
 
         sizes.SizePreset.engram_config = with_orders
-    service, home = scratch_service(args.device)
-    profile = home / "me.md"
-    profile.write_text("# About me\n" + "".join(f"- {fact}\n" for fact in FACTS))
-    service.ingest([profile])
-    service.create_pack("me")
-    started = time.perf_counter()
-    result = run_job(service, "me", TrainOptions(max_steps=args.steps, seed=args.seed))
-    minutes = (time.perf_counter() - started) / 60
+    service, _ = scratch_service(args.device)
+    result, minutes = train_profile(service, args.steps, args.seed)
     evaluation = result["evaluation"]
     runtime = service.chat_runtime("me")
     probes = ASKED + CONTROLS

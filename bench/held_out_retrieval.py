@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.held_out_profile import ASKED, CONTROLS, FACTS  # noqa: E402
+from bench.held_out_profile import ASKED, CONTROLS, FACTS, train_profile  # noqa: E402
 from bench.results_table import publish  # noqa: E402
-from bench.train_recall import run_job, scratch_service  # noqa: E402
+from bench.train_recall import scratch_service  # noqa: E402
 from engram_app.inference import Message  # noqa: E402
 from engram_app.inference.prompting import RETRIEVAL_HEADER, with_retrieved  # noqa: E402
 from engram_app.ingest.embedding import Embedder  # noqa: E402
-from engram_app.training import TrainOptions  # noqa: E402
 from engram_app.training.evaluate import generate_batch_ids  # noqa: E402
 
 SYSTEM = RETRIEVAL_HEADER + "\n{facts}"
@@ -57,13 +56,7 @@ def main() -> None:
     else:
         service, home = scratch_service("cpu")
         print("data root:", home, flush=True)
-        profile = home / "me.md"
-        profile.write_text("# About me\n" + "".join(f"- {fact}\n" for fact in FACTS))
-        service.ingest([profile])
-        service.create_pack("me")
-        started = time.perf_counter()
-        result = run_job(service, "me", TrainOptions(max_steps=args.steps, seed=args.seed))
-        minutes = (time.perf_counter() - started) / 60
+        result, minutes = train_profile(service, args.steps, args.seed)
     evaluation = result["evaluation"]
 
     probes = ASKED + CONTROLS
@@ -98,12 +91,8 @@ def main() -> None:
     detail = []
     for name, encoded in prompts.items():
         for memory in (False, True):
-            with runtime.session():
-                if memory:
-                    replies = generate_batch_ids(runtime.adapted.model, tokenizer, encoded, 24)
-                else:
-                    with runtime.adapted.off():
-                        replies = generate_batch_ids(runtime.adapted.model, tokenizer, encoded, 24)
+            with runtime.session(), (nullcontext() if memory else runtime.adapted.off()):
+                replies = generate_batch_ids(runtime.adapted.model, tokenizer, encoded, 24)
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
             hit = [p.answer.lower() in t.lower() for p, t in zip(probes, texts)]
             lines.append(f"| {name} | {'on' if memory else 'off'} | {sum(hit[:facts])}/{facts} | "

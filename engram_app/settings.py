@@ -51,11 +51,6 @@ def int4_chat_mode() -> str:
     return "auto"
 
 
-def int4_chat_enabled() -> bool:
-    """Whether chat may run a GGUF base model from its 4-bit blocks (:func:`int4_chat_mode` not ``off``)."""
-    return int4_chat_mode() != "off"
-
-
 def default_home() -> Path:
     """The data root: ``ENGRAM_HOME`` if set, else the repository's ``storage/``."""
     env = os.environ.get("ENGRAM_HOME")

@@ -36,7 +36,7 @@ from engram_app.engram import CONFIG_NAME, LORA_DIR, SECOND_TIME_WARNING, WEIGHT
 from engram_app.errors import EngramError
 from engram_app.inference.runtime import Runtime
 from engram_app.models import LoadedModel, use_int4
-from engram_app.settings import int4_chat_enabled, int4_chat_mode
+from engram_app.settings import int4_chat_mode
 from engram_app.training.adapters import Adapted
 from engram_app.training.packs import PackConfig
 
@@ -87,8 +87,9 @@ class ModelPool:
         """``int4``: run a GGUF model from its 4-bit blocks on the CPU (models.py ``use_int4``); None: as
         ``ENGRAM_INT4`` says (settings.py ``int4_chat_mode``: by default where the exact kernel runs).
         The pool serves chat only, so its model never trains."""
-        if int4 if int4 is not None else int4_chat_enabled():
-            use_int4(loaded, exact_only=int4 is None and int4_chat_mode() == "auto")
+        mode = int4_chat_mode() if int4 is None else "on" if int4 else "off"
+        if mode != "off":
+            use_int4(loaded, exact_only=mode == "auto")
         self.loaded = loaded
         self.base = loaded.model
         self.tokenizer = loaded.tokenizer

@@ -419,8 +419,14 @@ class Library:
 
     def search(self, query: str, k: int = 5, collection: str | None = None) -> list[dict]:
         """The ``k`` chunks closest in meaning to ``query`` (cosine similarity of MiniLM embeddings)."""
+        return self._search(self._query_vector(query), k, collection)
+
+    def _query_vector(self, query: str) -> np.ndarray:
         if not query.strip():
             raise EngramError("Search for something: the query is empty.")
+        return self.embedder.encode([query])[0]
+
+    def _search(self, vector: np.ndarray, k: int, collection: str | None) -> list[dict]:
         sql = ("select e.chunk_id, e.vector, ch.text, ch.source_id, s.title from embeddings e "
                "join chunks ch on ch.id = e.chunk_id join sources s on s.id = ch.source_id "
                "join collections c on c.id = s.collection_id where s.status = 'ready'")
@@ -432,7 +438,7 @@ class Library:
         if not rows:
             return []
         matrix = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-        scores = matrix @ self.embedder.encode([query])[0]
+        scores = matrix @ vector
         top = np.argsort(-scores)[:k]
         return [{"chunk": rows[i][0], "source": rows[i][3], "title": rows[i][4], "score": round(float(scores[i]), 4),
                  "text": rows[i][2]} for i in top]
@@ -445,16 +451,19 @@ class Library:
         it is given, not from a page (bench/held_out_retrieval.py). Same keys as :meth:`search`, the
         ``text`` one line, ``score`` that line's.
         """
-        hits = self.search(query, k=max(k, passages), collection=collection)
-        candidates = [(hit, line) for hit in hits  # a passage of short lines only ("Dog: Rex") stays whole
-                      for line in (passage_lines(hit["text"]) or [" ".join(hit["text"].split())[:1000]]) if line]
-        unique = list({line: (hit, line) for hit, line in reversed(candidates)}.values())[::-1]  # first hit wins
-        if not unique:
+        vector = self._query_vector(query)
+        lines: dict[str, dict] = {}  # each line once, with the nearest passage holding it
+        for hit in self._search(vector, max(k, passages), collection):
+            # a passage of short lines only ("Dog: Rex") stays whole
+            for line in passage_lines(hit["text"]) or [" ".join(hit["text"].split())[:1000]]:
+                if line:
+                    lines.setdefault(line, hit)
+        if not lines:
             return []
-        vectors = self.embedder.encode([line for _, line in unique])
-        scores = vectors @ self.embedder.encode([query])[0]
+        texts = list(lines)
+        scores = self.embedder.encode(texts) @ vector
         top = np.argsort(-scores, kind="stable")[:k]
-        return [{**unique[i][0], "score": round(float(scores[i]), 4), "text": unique[i][1]} for i in top]
+        return [{**lines[texts[i]], "score": round(float(scores[i]), 4), "text": texts[i]} for i in top]
 
     def delete(self, source_id: int) -> dict:
         """Forget a source's content (records, chunks, embeddings, original file).
