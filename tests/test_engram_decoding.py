@@ -157,3 +157,44 @@ def test_continuing_a_cache_that_grew_with_the_memory_off_is_refused(memory):
         step(model, ids[:, 10:11], cache)
     with pytest.raises(EngramAttachError, match="holds 11 positions but the Engram memory saw only 10"):
         step(model, ids[:, 11:12], cache)
+
+
+# --- one decoding step -------------------------------------------------------------------------
+
+def test_a_single_decoding_step_is_addressed_to_exactly_the_rows_of_the_general_path(memory):
+    """The step's rows come from Python integers (_address_step); a mask sends it down the tensor path."""
+    with torch.no_grad():
+        cache = memory.base_model(ids_of(12, seed=3), use_cache=True).past_key_values
+    checked = 0
+    for past in (None, cache):
+        for token in range(0, 512, 29):
+            step = torch.tensor([[token]])
+            fast = memory._address(step, None, past)
+            general = memory._address(step, torch.ones(1, 13, dtype=torch.long), past)
+            assert fast.mask is None and general.mask is not None
+            assert torch.equal(fast.rows, general.rows) and torch.equal(fast.compressed, general.compressed)
+            checked += 1
+    assert checked == 36
+
+
+def test_the_decoding_state_grows_in_place_and_no_other_state_sees_positions_change():
+    from engram_app.engram.model import DecodeState
+
+    def conv(value: float, n: int = 1) -> dict[int, torch.Tensor]:
+        return {0: torch.full((1, n, 4), value)}
+
+    first = DecodeState(torch.tensor([[5, 6]]), conv(0.0, 2)).extend(torch.tensor([[7]]), conv(1.0))
+    second = first.extend(torch.tensor([[8]]), conv(2.0))
+    assert second.room is first.room and second.ids.data_ptr() == first.ids.data_ptr()  # written in place
+    assert first.ids.tolist() == [[5, 6, 7]] and second.ids.tolist() == [[5, 6, 7, 8]]
+    other = first.extend(torch.tensor([[9]]), conv(3.0))  # first again: second's position 3 must not change
+    assert other.room is not first.room
+    assert second.ids.tolist() == [[5, 6, 7, 8]] and float(second.conv[0][0, 3, 0]) == 2.0
+    assert other.ids.tolist() == [[5, 6, 7, 9]] and float(other.conv[0][0, 3, 0]) == 3.0
+    rolled_back = second.crop(2).extend(torch.tensor([[4]]), conv(4.0))
+    assert rolled_back.ids.tolist() == [[5, 6, 4]] and second.ids.tolist() == [[5, 6, 7, 8]]
+    long = second
+    for step in range(100):  # past the first buffers' capacity
+        long = long.extend(torch.tensor([[step]]), conv(float(step)))
+    assert long.length == 104 and long.ids[0, 4:].tolist() == list(range(100))
+    assert torch.equal(long.conv[0][0, 4:, 0], torch.arange(100, dtype=torch.float32))
