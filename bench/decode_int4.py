@@ -2,8 +2,10 @@
 
 On the bundled model (SmolLM2-135M-Instruct, a Q4_1 GGUF file): llama.cpp on the same file
 (through ``llama-cpp-python``, installed for this bench only, never by the app), the app's fp32
-runtime (what chat used before), the 4-bit runtime (engram_app/inference/quant.py) without and
-with a pack (a randomly initialised memory of the ``medium`` size: speed does not depend on its
+runtime (what chat used before: the model's own forward), the same with the lean decoding step
+(engram_app/inference/lean.py), the 4-bit runtime (engram_app/inference/quant.py) through the
+model's own forward (stop 24's chat) and with the lean step (today's default), without and with a
+pack (a randomly initialised memory of the ``medium`` size: speed does not depend on its
 values). Speeds are ratios to the fp32 runtime measured in the same run, the models interleaved
 so that the noise of a shared CPU falls on all alike; decode tok/s = 1 / the median time between
 tokens. Then what the 4-bit runtime changes: teacher-forced top-1 agreement with the fp32 model
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engram_app.engram import attach_engram  # noqa: E402
 from engram_app.inference import GenerationOptions, Message, Runtime  # noqa: E402
 from engram_app.inference.native import load_kernels  # noqa: E402
+from engram_app.inference.lean import StepCache, lean_decoder  # noqa: E402
 from engram_app.inference.quant import decode_logits  # noqa: E402
 from engram_app.models import LoadedModel, bundled_gguf, load_base_model  # noqa: E402
 from engram_app.settings import Settings, resolve_device  # noqa: E402
@@ -71,12 +74,20 @@ AGREEMENT_TEXTS = [  # varied: notes, a profile, a chat export, prose docs, Pyth
 ]
 
 
-def decode_intervals(runtime: Runtime, ids: list[int], n: int) -> list[float]:
+# These runtimes decode through the model's own forward, as chat did before the lean step.
+OWN_FORWARD = {"fp32 runtime (before)", "int4 runtime, model's own forward (stop 24)"}
+
+
+def decode_intervals(runtime: Runtime, ids: list[int], n: int, lean: bool = True) -> list[float]:
     """Seconds between consecutive generated tokens (prefill excluded)."""
     runtime.stop_ids = set()
     times = []
-    for _ in runtime.stream_ids(ids, GenerationOptions(max_new_tokens=n)):
-        times.append(time.perf_counter())
+    os.environ["ENGRAM_LEAN"] = "1" if lean else "0"
+    try:
+        for _ in runtime.stream_ids(ids, GenerationOptions(max_new_tokens=n)):
+            times.append(time.perf_counter())
+    finally:
+        del os.environ["ENGRAM_LEAN"]
     return [b - a for a, b in zip(times, times[1:])]
 
 
@@ -133,10 +144,37 @@ def agreement(fp32: torch.nn.Module, int4: torch.nn.Module, windows: list[list[i
     return agree, total, margins
 
 
-def greedy(runtime: Runtime, prompt: str, n: int) -> list[int]:
+def paired_on_off(model: torch.nn.Module, memory, ids: list[int], steps: int) -> tuple[float, float]:
+    """Median seconds of a decoding step with the memory on and off: one model, two caches, the steps
+    alternating (on, off, off, on, ...), so that the machine's noise falls on both alike."""
+    decoder = lean_decoder(model)
+    caches, tokens = {}, {}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with torch.inference_mode():
+        for on in (True, False):
+            memory.enabled = on
+            out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            caches[on] = StepCache.adopt(out.past_key_values, len(ids) + steps + 1, decoder)
+            tokens[on] = int(out.logits[0, -1].argmax())
+        for step in range(steps):
+            for on in (True, False) if step % 2 else (False, True):
+                memory.enabled = on
+                started = time.perf_counter()
+                out = decoder.step(model, torch.tensor([[tokens[on]]]), caches[on])
+                tokens[on] = int(out.logits[0, -1].argmax())
+                times[on].append(time.perf_counter() - started)
+    memory.enabled = True
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
+def greedy(runtime: Runtime, prompt: str, n: int, lean: bool = True) -> list[int]:
     runtime.stop_ids = runtime._stop_ids()
-    return [t.id for t in runtime.stream_ids(runtime.chat_ids([Message("user", prompt)]),
-                                             GenerationOptions(max_new_tokens=n))]
+    os.environ["ENGRAM_LEAN"] = "1" if lean else "0"
+    try:
+        return [t.id for t in runtime.stream_ids(runtime.chat_ids([Message("user", prompt)]),
+                                                 GenerationOptions(max_new_tokens=n))]
+    finally:
+        del os.environ["ENGRAM_LEAN"]
 
 
 def main() -> None:
@@ -148,6 +186,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=256, help="prompt tokens for the prefill figure")
     parser.add_argument("--agreement-tokens", type=int, default=2400)
     parser.add_argument("--greedy-tokens", type=int, default=48)
+    parser.add_argument("--paired-steps", type=int, default=400, help="decoding steps each, memory on and off")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -171,6 +210,8 @@ def main() -> None:
             block.value.weight.normal_(0, 0.02)
     runtimes = {
         "fp32 runtime (before)": Runtime(fp32),
+        "fp32 runtime, lean step": Runtime(fp32),
+        "int4 runtime, model's own forward (stop 24)": Runtime(int4),
         "int4 runtime": Runtime(int4),
         "int4 runtime, bf16 kernel (no C compiler)": Runtime(int4_bf16),
         "int4 runtime + medium pack": Runtime(LoadedModel(int4.source, memory_model, tokenizer, plan, 0.0, int4.path,
@@ -191,8 +232,8 @@ def main() -> None:
     llama_prompts = [llama.llm.tokenize(tokenizer.decode(p).encode(), add_bos=False, special=True) for p in prompts] \
         if llama else []
     llama_prefill = llama.llm.tokenize(tokenizer.decode(prefill_ids).encode(), add_bos=False) if llama else []
-    for rt in runtimes.values():  # warm up
-        decode_intervals(rt, prompts[0], 8)
+    for name, rt in runtimes.items():  # warm up
+        decode_intervals(rt, prompts[0], 8, lean=name not in OWN_FORWARD)
     if llama:
         llama.decode_intervals(llama_prompts[0], 8)
     steps: dict[str, list[float]] = {name: [] for name in [*runtimes, "llama.cpp"]}
@@ -200,7 +241,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for index, ids in enumerate(prompts):
             for name, rt in runtimes.items():
-                steps[name] += decode_intervals(rt, ids, args.tokens)
+                steps[name] += decode_intervals(rt, ids, args.tokens, lean=name not in OWN_FORWARD)
             if llama:
                 steps["llama.cpp"] += llama.decode_intervals(llama_prompts[index], args.tokens)
         for name, rt in runtimes.items():
@@ -209,6 +250,7 @@ def main() -> None:
             prefill["llama.cpp"].append(llama.prefill_seconds(llama_prefill))
         log.info("repeat %d done", repeat + 1)
     decode = {n: 1 / statistics.median(s) for n, s in steps.items() if s}
+    paired_on, paired_off = paired_on_off(memory_model, memory, prompts[0], args.paired_steps)
     prefill_rate = {n: args.prefill / statistics.median(s) for n, s in prefill.items() if s}
 
     # --- what the 4-bit weights change ---------------------------------------------------------
@@ -220,9 +262,10 @@ def main() -> None:
             if turn < len(pieces) and sum(map(len, windows)) < args.agreement_tokens:
                 windows.append(pieces[turn])
     agree, total, margins = agreement(fp32.model, int4.model, windows)
-    same_replies = same_bf16 = 0
+    same_replies = same_bf16 = same_lean = 0
     for prompt in GREEDY_PROMPTS:
-        reference = greedy(runtimes["fp32 runtime (before)"], prompt, args.greedy_tokens)
+        reference = greedy(runtimes["fp32 runtime (before)"], prompt, args.greedy_tokens, lean=False)
+        same_lean += reference == greedy(runtimes["fp32 runtime, lean step"], prompt, args.greedy_tokens)
         same_replies += reference == greedy(runtimes["int4 runtime"], prompt, args.greedy_tokens)
         same_bf16 += reference == greedy(runtimes["int4 runtime, bf16 kernel (no C compiler)"], prompt,
                                          args.greedy_tokens)
@@ -250,14 +293,19 @@ def main() -> None:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| memory on / off on the int4 runtime (decode) | {on_off:.3f}x |",
+        f"| memory on / off on the int4 runtime (decode, the two runtimes above) | {on_off:.3f}x |",
+        f"| memory on / off, one model, {args.paired_steps} lean steps each, alternating | "
+        f"{paired_off / paired_on:.3f}x ({1e3 * paired_off:.1f} vs {1e3 * paired_on:.1f} ms a step) |",
         f"| teacher-forced top-1 agreement with fp32 ({len(AGREEMENT_TEXTS)} texts) | {agree}/{total} = "
         f"{100 * agree / total:.2f}% |",
         f"| fp32's top-1 minus top-2 logit where they disagree | median {statistics.median(margins) if margins else 0:.3f}"
         f", {close} of {len(margins)} under 0.1 |",
         f"| greedy replies ({args.greedy_tokens} tokens) identical to fp32's | {same_replies} of {len(GREEDY_PROMPTS)} "
         f"(bf16 kernel: {same_bf16}) |",
-        f"| teacher-forced agreement measured on | the 4-bit runtime's decoding path, one token per forward |",
+        f"| greedy replies of the fp32 runtime's lean step identical to its own forward's | {same_lean} of "
+        f"{len(GREEDY_PROMPTS)} |",
+        "| teacher-forced agreement measured on | the 4-bit runtime's decoding path (the lean step), one token "
+        "per forward, against the fp32 model's own forward |",
     ]
     publish("decode_int4", lines)
 

@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from engram_app.engram import EngramConfig
 from engram_app.engram.model import model_fingerprint
 from engram_app.inference import native
+from engram_app.inference.lean import lean_decoder
 from engram_app.inference.quant import (
     Int4Linear,
     LayerBlocks,
@@ -309,6 +310,24 @@ def test_a_lora_adapter_wraps_the_int4_layers_and_adds_its_update_to_theirs(twin
                                rtol=1e-4, atol=1e-4)
 
 
+def test_the_lean_step_runs_q_k_v_and_gate_up_as_one_kernel_call_each_from_the_layers_own_bytes(twins, kernels,
+                                                                                                 monkeypatch):
+    int4 = quantised(twins, kernels=kernels)
+    decoder = lean_decoder(int4)
+    attention, codes = int4.model.layers[0].self_attn, decoder.blocks[0].qkv.codes
+    assert codes.shape[0] == attention.q_proj.out_features + 2 * attention.k_proj.out_features
+    assert attention.q_proj.qweight.data_ptr() == codes.data_ptr()  # row slices of one buffer: no second copy
+    assert attention.k_proj.qweight.data_ptr() == codes[attention.q_proj.out_features].data_ptr()
+    calls = []
+    original = native.Kernels.q4_1_matmul
+    monkeypatch.setattr(native.Kernels, "q4_1_matmul", lambda self, *args: calls.append(1) or original(self, *args))
+    got = decode_logits(int4, PROMPT[0])
+    layers, steps = int4.config.num_hidden_layers, len(PROMPT[0]) - 1
+    assert len(calls) == 7 * layers + 4 * layers * steps  # the first token by the model's forward, then lean steps
+    torch.testing.assert_close(got, decode_logits(int4, PROMPT[0], lean=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, decode_logits(twins[0], PROMPT[0], lean=False), rtol=1e-4, atol=1e-4)
+
+
 def test_the_bf16_int4_model_stays_within_bf16_rounding_of_its_fp32_twin_and_reads_prompts_exactly(twins):
     fast = quantised(twins, compute_dtype=torch.bfloat16)
     got, expected = decode_logits(fast, PROMPT[0]), decode_logits(twins[0], PROMPT[0])
@@ -344,8 +363,9 @@ def test_only_a_model_converted_from_gguf_is_put_on_int4_layers(tiny_model_dir, 
 
 
 @pytest.mark.slow
-def test_the_bundled_model_on_its_own_4_bit_blocks_decodes_the_fp32_models_tokens(bundled_home):
-    """The default chat runtime: the exact C kernel, one token at a time, against the fp32 model."""
+def test_the_bundled_model_on_its_own_4_bit_blocks_decodes_the_fp32_models_tokens(bundled_home, monkeypatch):
+    """The default chat runtime (the exact C kernel, the lean step), one token at a time, against the fp32
+    model's own forward."""
     from engram_app.inference import GenerationOptions, Message, Runtime
 
     root = Path(__file__).resolve().parent.parent
@@ -364,7 +384,8 @@ def test_the_bundled_model_on_its_own_4_bit_blocks_decodes_the_fp32_models_token
         total += len(ids)
     assert total == 300 and agree == total  # the bf16 kernel: ~99.2%; the C kernel is exact to fp32 rounding
     replies = []
-    for loaded in (fp32, int4):
+    for loaded, lean in ((fp32, "0"), (int4, "1")):
+        monkeypatch.setenv("ENGRAM_LEAN", lean)
         runtime = Runtime(loaded)
         runtime.stop_ids = set()
         ids = runtime.chat_ids([Message("user", "Tell me about the history of Paris.")])

@@ -335,20 +335,31 @@ class RescoredLogits(nn.Module):
         return logits
 
 
-def decode_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+def decode_logits(model: nn.Module, ids: list[int], lean: bool = True) -> torch.Tensor:
     """The logits of ``ids`` read as decoding reads them: one token per forward, with the cache.
 
     A whole text in one forward goes through the layers' fp32 prompt path (:attr:`Int4Linear.dense`);
-    this measures the 4-bit kernels (bench/decode_int4.py, tests).
+    this measures the 4-bit kernels (bench/decode_int4.py, tests). After the first token, the steps
+    go through the chat runtime's lean step where it applies (lean.py; ``lean=False``: the model's
+    own forward throughout).
     """
     from transformers import DynamicCache
 
+    from engram_app.inference.lean import StepCache, lean_decoder
+
+    decoder = lean_decoder(model) if lean else None
     cache = DynamicCache()
     rows = []
     with torch.inference_mode():
         for token in ids:
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            input_ids = torch.tensor([[token]])
+            if isinstance(cache, StepCache):
+                out = decoder.step(model, input_ids, cache)
+            else:
+                out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
+            if decoder is not None and not isinstance(cache, StepCache):
+                cache = StepCache.adopt(cache, len(ids), decoder)
             rows.append(out.logits[0, -1])
     return torch.stack(rows)
 
@@ -590,11 +601,14 @@ def save_layers(path: Path, model: nn.Module, source: str) -> None:
             continue
         if isinstance(module, Int4Linear):
             kernel = module.backend
-            tensors[f"{name}.qweight"] = module.qweight
             scales = module.scales_and_mins if module.kernels is not None else module.scales_and_zeros
-            tensors[f"{name}.scales"] = scales
-            if module.bias is not None:
-                tensors[f"{name}.bias"] = module.bias
+            # The lean decoding step (lean.py) leaves q/k/v and gate/up as row slices of one buffer:
+            # safetensors refuses tensors that share memory, so those are written as copies.
+            own = {"qweight": module.qweight, "scales": scales, "bias": module.bias}
+            for part, tensor in own.items():
+                if tensor is not None:
+                    shared = tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+                    tensors[f"{name}.{part}"] = tensor.clone() if shared else tensor
             layers[name] = {"in": module.in_features, "out": module.out_features, "group": module.group_size,
                             "copies": module.input_copies}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes may write it at once

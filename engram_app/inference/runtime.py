@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engram_app.errors import EngramError
+from engram_app.inference.lean import StepCache, lean_decoder
 from engram_app.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -120,19 +121,32 @@ class Runtime:
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=generator))
 
+    def _call(self, **inputs):
+        """The model on ``inputs``: a decoding step on a :class:`StepCache` goes through the lean step."""
+        cache = inputs.get("past_key_values")
+        if isinstance(cache, StepCache):
+            return cache.decoder.step(self.model, inputs["input_ids"], cache)
+        return self.model(**inputs)
+
     def _forward(self, recorder, first_position: int, **inputs):
         """One model call under the lock; with a recorder, the memory's trace of it is kept."""
         with self.session(), torch.inference_mode():
             if recorder is None:
-                return self.model(**inputs)
+                return self._call(**inputs)
             # The memory loaded now: on a shared model it may have been unloaded and loaded again
             # since the reply began (same weights, another object), and only the loaded one traces.
             memory = self.adapted.memory if self.adapted is not None and self.adapted.memory is not None \
                 else recorder.memory
             with memory.tracing() as calls:
-                out = self.model(**inputs)
+                out = self._call(**inputs)
             recorder.add(first_position, calls[-1])
             return out
+
+    def _decoding_cache(self, cache, capacity: int):
+        """The cache the decoding steps continue: a :class:`StepCache` where the lean step applies (lean.py)."""
+        with self.session():  # the model as this runtime's calls see it (its adapters switched on)
+            decoder = lean_decoder(self.model)
+        return cache if decoder is None else StepCache.adopt(cache, capacity, decoder)
 
     def stream_ids(self, prompt_ids: Sequence[int], options: GenerationOptions | None = None,
                    recorder=None) -> Iterator[GeneratedToken]:
@@ -153,7 +167,7 @@ class Runtime:
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
         input_ids = torch.tensor([list(prompt_ids)], device=self.device)
         out = self._forward(recorder, 0, input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        past = self._decoding_cache(out.past_key_values, len(prompt_ids) + options.max_new_tokens + 1)
         generated: list[int] = []
         emitted = ""
         position = len(prompt_ids)
