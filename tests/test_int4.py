@@ -328,6 +328,22 @@ def test_the_lean_step_runs_q_k_v_and_gate_up_as_one_kernel_call_each_from_the_l
     torch.testing.assert_close(got, decode_logits(twins[0], PROMPT[0], lean=False), rtol=1e-4, atol=1e-4)
 
 
+def test_layers_wrapped_by_lora_before_the_first_reply_are_still_fused_for_the_base_model(twins, kernels):
+    int4 = quantised(twins, kernels=kernels)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(5)
+    wrapped = get_peft_model(int4, config)  # a LoRA pack loaded on the shared model before any reply
+    base = wrapped.get_base_model()
+    decoder = lean_decoder(base)
+    assert decoder.blocks[0].qkv.codes is not None  # the q/k/v fusion looked through the LoRA layers
+    torch.testing.assert_close(decode_logits(base, PROMPT[0]), decode_logits(base, PROMPT[0], lean=False),
+                               rtol=1e-5, atol=1e-5)  # LoRA on: the wrappers are called, with their update
+    plain = wrapped.unload()  # the pack unloaded: the base layers again, now one fused call
+    assert lean_decoder(plain) is decoder and decoder.blocks[0].qkv._intact()
+    torch.testing.assert_close(decode_logits(plain, PROMPT[0]), decode_logits(twins[0], PROMPT[0], lean=False),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_the_bf16_int4_model_stays_within_bf16_rounding_of_its_fp32_twin_and_reads_prompts_exactly(twins):
     fast = quantised(twins, compute_dtype=torch.bfloat16)
     got, expected = decode_logits(fast, PROMPT[0]), decode_logits(twins[0], PROMPT[0])

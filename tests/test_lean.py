@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 from engram_app.engram import EngramConfig, attach_engram
 from engram_app.inference import GenerationOptions, Message, Runtime
-from engram_app.inference.lean import LeanDecoder, StepCache, lean_decoder, unsupported
+from engram_app.inference.lean import INITIAL_ROOM, LeanDecoder, StepCache, lean_decoder, unsupported
 from engram_app.models import load_base_model
 from engram_app.settings import resolve_device
 from tiny import tiny_family, tiny_tokenizer
@@ -55,6 +55,14 @@ def test_the_lean_step_gives_the_models_own_decoding_logits_on_every_family_it_a
     tokens, got = decode(model, 24, lean=True)
     assert tokens == expected_tokens
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_huge_reply_length_reserves_no_more_than_the_initial_room():
+    model = family_model("llama")
+    with torch.inference_mode():
+        prompt_cache = model(input_ids=PROMPT, use_cache=True).past_key_values
+    cache = StepCache.adopt(prompt_cache, 10**12, lean_decoder(model))  # what max_tokens=10**12 asks for
+    assert cache.keys.shape[2] == PROMPT.shape[1] + INITIAL_ROOM and cache.length == PROMPT.shape[1]
 
 
 def test_a_step_cache_grows_when_a_reply_outlasts_its_buffers():
@@ -135,6 +143,13 @@ def test_what_the_lean_step_would_get_wrong_keeps_the_models_own_forward(monkeyp
     hooked = copy.deepcopy(model)
     hooked.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *args: None)
     assert "hook on self_attn.k_proj" in unsupported(hooked)
+    hooked = copy.deepcopy(model)
+    hooked.model.norm.register_forward_hook(lambda *args: None)
+    assert "hook on the final norm" in unsupported(hooked)
+    hooked = copy.deepcopy(model)
+    hooked.register_forward_pre_hook(lambda *args: None)
+    assert "hook on the model" in unsupported(hooked)
+    assert "training mode" in unsupported(copy.deepcopy(model).train())
     assert "not a causal LM called directly" in unsupported(get_peft_model(copy.deepcopy(model), LoraConfig(r=2)))
     assert lean_decoder(model) is not None
     monkeypatch.setenv("ENGRAM_LEAN", "0")

@@ -9,7 +9,8 @@ step with about fifteen operations per block:
 
 - the keys and values in preallocated buffers (:class:`StepCache`), written in place;
 - each norm in one ``F.rms_norm``;
-- the rotary embedding of the queries and keys of all heads as one product with a 64x64 matrix
+- the rotary embedding of the queries and keys of all heads as one product with a
+  head_dim x head_dim matrix
   (``x cos + rotate_half(x) sin == x @ (diag(cos) + P diag(sin))``, computed once per step from
   the model's own rotary module, so every rope variant it supports is supported here);
 - the attention of a single query as two small batched products and a softmax;
@@ -28,8 +29,9 @@ output layer are called as modules, so adapters switched on or off between steps
 
 Only the chat runtime uses it (runtime.py), for decoding steps after a prompt read by the model's
 own forward, and only where :func:`lean_decoder` accepts the model: a Llama, Mistral (no sliding
-window) or Qwen2 (no sliding layers) model in fp32 on the CPU, called directly (not through a
-``PeftModel`` wrapper), with no hooks it would bypass. ``ENGRAM_LEAN=0`` turns it off.
+window) or Qwen2 (no sliding layers) model in fp32 on the CPU, in eval mode, called directly (not
+through a ``PeftModel`` wrapper), with no hooks it would bypass (on the model, the final norm or
+any module inside a block but the block itself). ``ENGRAM_LEAN=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from engram_app.inference.quant import Int4Linear
 log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")  # decoder blocks computing exactly what LeanDecoder.step does
+INITIAL_ROOM = 512  # positions a StepCache holds beyond the prompt before it first doubles
 
 
 class StepCache:
@@ -77,7 +80,9 @@ class StepCache:
         batch, kv_heads, length, head_dim = layers[0][0].shape
         if batch != 1:
             raise ValueError(f"a StepCache holds one sequence, not {batch}")
-        capacity = max(capacity, length + 1)
+        # Room for the reply planned, but not allocated up front past INITIAL_ROOM positions: a request
+        # for a million new tokens must not reserve their keys and values (make_room doubles).
+        capacity = max(length + 1, min(capacity, length + INITIAL_ROOM))
         keys = layers[0][0].new_empty(len(layers), kv_heads, capacity, head_dim)
         values = layers[0][1].new_empty(len(layers), kv_heads, capacity, head_dim)
         for i, (k, v) in enumerate(layers):
@@ -113,7 +118,9 @@ class _Projections:
     def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         self.parent = parent
         self.names = names
-        self.members = tuple(parent._modules[name] for name in names)
+        # The base layers: a PEFT LoRA layer wrapping one (a pack loaded before the first reply) is
+        # looked through, so the fused call serves whenever the wrapper is taken off again.
+        self.members = tuple(_base_layer(parent._modules[name]) for name in names)
         self.codes = self.scales = self.bias = None
         self.out_features = 0
         if all(isinstance(m, Int4Linear) and m.kernels is not None and m.input_copies == 1 for m in self.members) \
@@ -154,12 +161,17 @@ class _Block:
     """What a decoding step reads of one decoder block."""
 
     block: nn.Module
-    input_norm: nn.Module
-    post_norm: nn.Module
     qkv: _Projections
     output: _Projections
     gate_up: _Projections
     down: _Projections
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The layer a PEFT adapter layer wraps (the module itself when it wraps none)."""
+    while hasattr(module, "get_base_layer") and module.get_base_layer() is not module:
+        module = module.get_base_layer()
+    return module
 
 
 def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
@@ -215,8 +227,7 @@ class LeanDecoder:
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
         self.rotate_half = _rotate_half_matrix(self.head_dim)
-        self.blocks = [_Block(b, b.input_layernorm, b.post_attention_layernorm,
-                              _Projections(b.self_attn, ("q_proj", "k_proj", "v_proj")),
+        self.blocks = [_Block(b, _Projections(b.self_attn, ("q_proj", "k_proj", "v_proj")),
                               _Projections(b.self_attn, ("o_proj",)),
                               _Projections(b.mlp, ("gate_proj", "up_proj")), _Projections(b.mlp, ("down_proj",)))
                        for b in blocks]
@@ -247,7 +258,7 @@ class LeanDecoder:
                rotation: torch.Tensor, position: int) -> torch.Tensor:
         """One decoder block for the token at ``position``; ``keys``/``values``: this block's cache buffers."""
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        norm = block.input_norm
+        norm = block.block._modules["input_layernorm"]  # read on each step: a module may be replaced
         qkv = block.qkv(F.rms_norm(hidden, (self.hidden,), norm.weight, norm.variance_epsilon)).view(-1)
         qk = qkv[:(heads + kv_heads) * head_dim].view(heads + kv_heads, head_dim) @ rotation
         keys[:, position] = qk[heads:]
@@ -256,7 +267,7 @@ class LeanDecoder:
         scores = torch.bmm(query, keys[:, :position + 1].transpose(1, 2)).mul_(self.scaling)
         mixed = torch.bmm(torch.softmax(scores, dim=-1), values[:, :position + 1])
         hidden = hidden + block.output(mixed.view(1, 1, heads * head_dim))
-        norm = block.post_norm
+        norm = block.block._modules["post_attention_layernorm"]
         gate, up = block.gate_up(F.rms_norm(hidden, (self.hidden,), norm.weight, norm.variance_epsilon)).chunk(2, dim=-1)
         return hidden + block.down(F.silu(gate) * up)
 
@@ -277,7 +288,14 @@ def unsupported(model: nn.Module) -> str | None:
     tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return "it is not an fp32 model on the CPU"
-    _, _, blocks = find_decoder_layers(model)
+    if model.training:
+        return "it is in training mode (dropout)"
+    backbone, _, blocks = find_decoder_layers(model)
+    # Called as modules by the step (their hooks run): the embedding, the rotary module, the output
+    # layer, the blocks' own pre-hooks. Computed as functions (hooks would be skipped): the rest.
+    for name, module in (("the model", model), ("the final norm", backbone.norm)):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"a hook on {name} would be bypassed"
     for block in blocks:
         for name, module in block.named_modules():
             if name and (module._forward_hooks or module._forward_pre_hooks):
