@@ -26,12 +26,14 @@ Prints a table and writes it to bench/results/decode_int4.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -78,16 +80,23 @@ AGREEMENT_TEXTS = [  # varied: notes, a profile, a chat export, prose docs, Pyth
 OWN_FORWARD = {"fp32 runtime (before)", "int4 runtime, model's own forward (stop 24)"}
 
 
+@contextlib.contextmanager
+def lean_step(on: bool) -> Iterator[None]:
+    """Replies inside decode with the lean step (``ENGRAM_LEAN``, read at each reply's start) or not."""
+    os.environ["ENGRAM_LEAN"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        del os.environ["ENGRAM_LEAN"]
+
+
 def decode_intervals(runtime: Runtime, ids: list[int], n: int, lean: bool = True) -> list[float]:
     """Seconds between consecutive generated tokens (prefill excluded)."""
     runtime.stop_ids = set()
     times = []
-    os.environ["ENGRAM_LEAN"] = "1" if lean else "0"
-    try:
+    with lean_step(lean):
         for _ in runtime.stream_ids(ids, GenerationOptions(max_new_tokens=n)):
             times.append(time.perf_counter())
-    finally:
-        del os.environ["ENGRAM_LEAN"]
     return [b - a for a, b in zip(times, times[1:])]
 
 
@@ -169,12 +178,9 @@ def paired_on_off(model: torch.nn.Module, memory, ids: list[int], steps: int) ->
 
 def greedy(runtime: Runtime, prompt: str, n: int, lean: bool = True) -> list[int]:
     runtime.stop_ids = runtime._stop_ids()
-    os.environ["ENGRAM_LEAN"] = "1" if lean else "0"
-    try:
+    with lean_step(lean):
         return [t.id for t in runtime.stream_ids(runtime.chat_ids([Message("user", prompt)]),
                                                  GenerationOptions(max_new_tokens=n))]
-    finally:
-        del os.environ["ENGRAM_LEAN"]
 
 
 def main() -> None:

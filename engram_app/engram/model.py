@@ -347,12 +347,11 @@ class EngramModel(nn.Module):
     def _address(self, input_ids: torch.Tensor, mask: torch.Tensor | None, cache) -> _Call:
         """The rows every Engram layer reads in a call with these ids, mask and KV cache (from ids alone)."""
         batch, steps = input_ids.shape
+        state = _cached_state(cache, batch, set(self.layer_ids) if self.config.use_conv else set())
         if batch == steps == 1 and mask is None:
-            return self._address_step(input_ids, cache)
+            return self._address_step(input_ids, state)
         device = input_ids.device
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None or mask.dim() != 2 else mask[:, -steps:].bool()
-        conv_layers = set(self.layer_ids) if self.config.use_conv else set()
-        state = _cached_state(cache, batch, conv_layers)
         compression = self.compression.to(device)
         compressed = torch.where(mask, compression[input_ids], torch.full_like(input_ids, self.boundary_id))
         keep = self.config.max_order - 1  # ids before this call that its n-grams reach
@@ -363,7 +362,7 @@ class EngramModel(nn.Module):
         rows = hash_rows(self.layout, grams)
         return _Call(rows=rows, mask=mask, state=state, compressed=compressed)
 
-    def _address_step(self, input_ids: torch.Tensor, cache) -> _Call:
+    def _address_step(self, input_ids: torch.Tensor, state: DecodeState | None) -> _Call:
         """:meth:`_address` for one token of one sequence without padding (a chat's decoding step).
 
         The same rows as :func:`hash_rows` gives, computed on the few Python integers involved instead
@@ -371,8 +370,6 @@ class EngramModel(nn.Module):
         the layout bounds every product of an id and a multiplier to int64, so Python's integers and
         torch's int64 hold the same values, and both take the non-negative remainder.
         """
-        conv_layers = set(self.layer_ids) if self.config.use_conv else set()
-        state = _cached_state(cache, 1, conv_layers)
         token = int(self.compression[int(input_ids[0, 0])])
         keep = self.config.max_order - 1
         history = [self.boundary_id] * keep

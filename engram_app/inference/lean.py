@@ -121,7 +121,7 @@ class _Projections:
         # The base layers: a PEFT LoRA layer wrapping one (a pack loaded before the first reply) is
         # looked through, so the fused call serves whenever the wrapper is taken off again.
         self.members = tuple(_base_layer(parent._modules[name]) for name in names)
-        self.codes = self.scales = self.bias = None
+        self.codes = self.scales = self.bias = self.kernels = None
         self.out_features = 0
         if all(isinstance(m, Int4Linear) and m.kernels is not None and m.input_copies == 1 for m in self.members) \
                 and len({m.in_features for m in self.members}) == 1 and len({m.bias is None for m in self.members}) == 1:

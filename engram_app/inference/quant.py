@@ -343,23 +343,18 @@ def decode_logits(model: nn.Module, ids: list[int], lean: bool = True) -> torch.
     go through the chat runtime's lean step where it applies (lean.py; ``lean=False``: the model's
     own forward throughout).
     """
-    from transformers import DynamicCache
-
     from engram_app.inference.lean import StepCache, lean_decoder
 
     decoder = lean_decoder(model) if lean else None
-    cache = DynamicCache()
-    rows = []
     with torch.inference_mode():
-        for token in ids:
+        out = model(input_ids=torch.tensor([ids[:1]]), use_cache=True)
+        cache = out.past_key_values if decoder is None else StepCache.adopt(out.past_key_values, len(ids), decoder)
+        rows = [out.logits[0, -1]]
+        for token in ids[1:]:
             input_ids = torch.tensor([[token]])
-            if isinstance(cache, StepCache):
-                out = decoder.step(model, input_ids, cache)
-            else:
-                out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            out = decoder.step(model, input_ids, cache) if decoder is not None else model(
+                input_ids=input_ids, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            if decoder is not None and not isinstance(cache, StepCache):
-                cache = StepCache.adopt(cache, len(ids), decoder)
             rows.append(out.logits[0, -1])
     return torch.stack(rows)
 
