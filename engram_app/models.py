@@ -242,6 +242,7 @@ def use_int4(loaded: LoadedModel, exact_only: bool = False) -> bool:
     ``exact_only``: unless that kernel is had here, vectorised and (with several threads) threaded,
     leave the model in fp32 (else PyTorch's bf16 kernel is used).
     """
+    from engram_app.engram.layer import use_native_step
     from engram_app.inference.native import load_kernels
     from engram_app.inference.quant import quantize_from_gguf
 
@@ -258,6 +259,8 @@ def use_int4(loaded: LoadedModel, exact_only: bool = False) -> bool:
         except Exception as exc:  # noqa: BLE001 - chat must load whatever went wrong with the kernel
             log.warning("The 4-bit matmul kernel could not be loaded (%s).", exc)
     fast = kernels is not None and kernels.vectorised > 0 and (kernels.threaded or torch.get_num_threads() == 1)
+    if fast:
+        use_native_step(kernels)  # the memory's one-token decoding steps in C too (engram/layer.py)
     if exact_only and not fast:
         log.info("Chat keeps the fp32 weights: the exact 4-bit kernel is %s here (ENGRAM_INT4=1 uses "
                  "PyTorch's bf16 one).", "not built" if kernels is None else "not vectorised or threaded")

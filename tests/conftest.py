@@ -18,6 +18,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _memory_step_as_each_test_sets_it():
+    """The memory's C step (``EngramBlock.native``, set by 4-bit chat) is process-wide: a test that
+    turns it on does not leave it on for the next."""
+    from engram_app.engram.layer import EngramBlock
+
+    before = EngramBlock.native
+    yield
+    EngramBlock.native = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama-family model folder with a real (small) BPE tokenizer."""

@@ -15,7 +15,8 @@ import torch
 from gguf import GGMLQuantizationType, quants
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from engram_app.engram import EngramConfig
+from engram_app.engram import EngramConfig, attach_engram
+from engram_app.engram.layer import EngramBlock, use_native_step
 from engram_app.engram.model import model_fingerprint
 from engram_app.inference import native
 from engram_app.inference.lean import lean_decoder
@@ -265,6 +266,84 @@ def test_a_tiny_llama_on_int4_layers_generates_the_greedy_tokens_of_its_dequanti
     torch.testing.assert_close(decode_logits(int4, PROMPT[0]), decode_logits(model, PROMPT[0]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_conv", [True, False])
+def test_the_memorys_c_step_gives_the_pytorch_blocks_outputs_to_fp32_rounding(kernels, use_conv):
+    """memory_step.c against EngramBlock's own code, for every length of convolution state (none, shorter
+    than the kernel reaches, exactly, longer), and after a weight moves to new memory."""
+    torch.manual_seed(0)
+    block = EngramBlock(96, 64, kernel_size=4, dilation=3, use_conv=use_conv).eval()
+    with torch.no_grad():  # every weight away from its initial value (W_V and the convolution start at 0)
+        for param in block.parameters():
+            param.copy_(torch.randn_like(param) * (0.3 if param.dim() > 1 else 0.1) + (param.dim() == 1))
+    compared = 0
+    for length in (0, 1, 5, 9, 12):
+        hidden, memory = torch.randn(1, 1, 96), torch.randn(1, 1, 64)
+        state = torch.randn(1, length, 96) if length else None
+        with torch.inference_mode():
+            use_native_step(None)
+            expected = block(hidden, memory, None, state, with_ratio=True)
+            use_native_step(kernels)
+            calls = []
+            step = kernels.memory_step
+            object.__setattr__(kernels, "memory_step", lambda *a: calls.append(1) or step(*a))
+            try:
+                got = block(hidden, memory, None, state, with_ratio=True)
+            finally:
+                object.__delattr__(kernels, "memory_step")
+        assert calls == [1]
+        for field in ("y", "conv_input", "gate", "score", "ratio"):
+            want, have = getattr(expected, field), getattr(got, field)
+            if want is None:
+                assert have is None and field == "conv_input" and not use_conv
+                continue
+            assert have.shape == want.shape
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+            compared += 1
+        assert (got.y - hidden).abs().max() > 0.1  # a step that does something
+    assert compared == (25 if use_conv else 20)
+    with torch.no_grad():  # a weight replaced by new memory: the step reads the new one
+        block.value.weight.data = block.value.weight.data * 2
+    hidden, memory = torch.randn(1, 1, 96), torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        use_native_step(None)
+        expected = block(hidden, memory, None, None).y
+        use_native_step(kernels)
+        torch.testing.assert_close(block(hidden, memory, None, None).y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_through_the_memorys_c_step_gives_the_logits_of_the_pytorch_step_and_of_the_whole_text(twins,
+                                                                                                         kernels):
+    """A tiny Llama with a memory that acts (rows, values and convolution away from zero), decoded one token at a
+    time by the lean step with the C step, the PyTorch step, and read in one forward."""
+    model, _, tokenizer = twins
+    model = copy.deepcopy(model)
+    memory = attach_engram(model, tokenizer, EngramConfig(layers=[1], heads=2, rows_per_head=1009, head_dim=8))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in memory.blocks.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (param.dim() == 1))
+        memory.table.weight.copy_(torch.randn(memory.table.weight.shape, generator=generator))
+    ids = [1, *range(40, 70)]
+    with torch.inference_mode():
+        whole = model(torch.tensor([ids])).logits[0]
+        with memory.disabled():
+            base = model(torch.tensor([ids])).logits[0]
+    use_native_step(None)
+    torch_step = decode_logits(model, ids)
+    use_native_step(kernels)
+    calls = []
+    step = kernels.memory_step
+    object.__setattr__(kernels, "memory_step", lambda *a: calls.append(1) or step(*a))
+    try:
+        c_step = decode_logits(model, ids)
+    finally:
+        object.__delattr__(kernels, "memory_step")
+    assert len(calls) == len(ids)  # every token (decode_logits reads the first one alone too)
+    assert (whole - base).abs().max() > 0.1  # the memory acts
+    torch.testing.assert_close(c_step, torch_step, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_step, whole, rtol=1e-4, atol=1e-4)
+
+
 def test_the_int4_model_keeps_the_fingerprint_of_the_fp32_weights_it_was_built_from(twins):
     assert model_fingerprint(quantised(twins)) == model_fingerprint(twins[0])
 
@@ -390,6 +469,7 @@ def test_the_bundled_model_on_its_own_4_bit_blocks_decodes_the_fp32_models_token
     assert int4.weights == "int4" and (bundled_home / "models" / fp32.source.name / "int4_layers.safetensors").is_file()
     layers = [m for m in int4.model.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 211 and {m.backend for m in layers} == {"native"}  # 30 x 7 + the output layer
+    assert EngramBlock.native is not None  # and a memory's decoding steps run in C too (memory_step.c)
     texts = [p.read_text() for p in sorted((root / "assets/examples").iterdir()) if p.suffix in (".md", ".json")]
     agree = total = 0
     for text in texts[:3]:

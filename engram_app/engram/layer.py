@@ -32,6 +32,10 @@ class BlockOutput:
 
 
 class EngramBlock(nn.Module):
+    # The compiled kernels whose ``memory_step`` runs one-token steps (engram_app/inference/native.py), set by
+    # :func:`use_native_step` once chat has the C kernels in this process; None: PyTorch only.
+    native = None
+
     def __init__(self, hidden_size: int, memory_width: int, kernel_size: int = 4, dilation: int = 3,
                  use_conv: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -47,6 +51,8 @@ class EngramBlock(nn.Module):
             self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, dilation=dilation, groups=hidden_size, bias=False)
             nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.value.weight)
+        self._weights = ("key", "value", "norm_h", "norm_k") + (("norm_u", "conv") if use_conv else ())
+        self._native_plan = None  # (weights' addresses, kernels, the C step's fixed arguments): _native_step
 
     def _conv(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Causal depthwise convolution of x [B, context + T, H] -> [B, T, H]."""
@@ -68,6 +74,11 @@ class EngramBlock(nn.Module):
         The layers are called through their functions (``F.linear``, ``F.rms_norm``: what the modules'
         own ``forward`` calls), which saves a module call each on every decoding step.
         """
+        if (EngramBlock.native is not None and mask is None and hidden.shape[:2] == (1, 1)
+                and hidden.dtype == torch.float32 and hidden.device.type == "cpu" and not torch.is_grad_enabled()):
+            out = self._native_step(hidden, memory, conv_state, with_ratio)
+            if out is not None:
+                return out
         h = hidden.float()
         e = memory.float()
         keep = None if mask is None else mask.unsqueeze(-1).float()
@@ -99,6 +110,39 @@ class EngramBlock(nn.Module):
         ratio = y.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12) if with_ratio else None
         return BlockOutput(y.to(hidden.dtype), normed, gate, score, ratio)
 
+    def _native_step(self, hidden: torch.Tensor, memory: torch.Tensor, conv_state: torch.Tensor | None,
+                     with_ratio: bool) -> BlockOutput | None:
+        """:meth:`forward` for one token through the C step (one call instead of ~40 small operations:
+        docs/BENCHMARKS.md); None where it does not take these tensors."""
+        kernels = EngramBlock.native
+        # The weights' addresses, read without nn.Module's attribute lookups (~2 us, not ~20): the
+        # C call's fixed arguments are built again only when one of them has moved.
+        modules = self._modules
+        where = tuple(modules[name]._parameters["weight"].data_ptr() for name in self._weights)
+        if self._native_plan is None or self._native_plan[0] != where or self._native_plan[1] is not kernels:
+            self._native_plan = (where, kernels, kernels.memory_step_plan(self))
+        plan = self._native_plan[2]
+        if plan is None:
+            return None
+        state = None  # the C step reads the last `context` rows itself
+        if conv_state is not None and conv_state.shape[1] and self.use_conv:
+            state = conv_state[0]
+        memory = memory.reshape(-1)
+        result = kernels.memory_step(plan, hidden.reshape(-1), memory if memory.dtype == torch.float32 else memory.float(),
+                                     state)
+        if result is None:
+            return None
+        y, normed, gate_score_ratio = result
+        gate, score, ratio = gate_score_ratio.view(3, 1, 1).unbind()
+        return BlockOutput(y.view(1, 1, -1), None if normed is None else normed.view(1, 1, -1), gate, score,
+                           ratio if with_ratio else None)
+
     @staticmethod
     def _norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
         return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def use_native_step(kernels) -> None:
+    """Run every :class:`EngramBlock`'s one-token inference steps through ``kernels.memory_step``
+    (``models.use_int4`` calls this when it has the C kernels, vectorised; None: PyTorch again)."""
+    EngramBlock.native = kernels

@@ -35,6 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gguf_matmul.c")
+SOURCES = (SOURCE, Path(__file__).with_name("memory_step.c"))  # one library: the matmuls and the memory's step
 COMPILERS = ("cc", "gcc", "clang")
 FLAG_SETS = (  # tried in order: the first that builds is kept
     ("-O3", "-march=native", "-fopenmp"),  # vectorised for this CPU, on PyTorch's OpenMP threads
@@ -72,6 +73,54 @@ class Kernels:
         """``x @ W.T`` for a Q8_0 weight: ``codes`` int8 ``[out, k]``, ``d`` fp32 ``[out, 1, k // 32]``."""
         return self._call(self.library.engram_q8_0_matmul, x, codes, torch.int8, 1, d, 1, out_features)
 
+    def memory_step_plan(self, block) -> tuple | None:
+        """The fixed arguments ``memory_step.c`` takes for ``block`` (an
+        :class:`~engram_app.engram.layer.EngramBlock`) with its weights as they are now, or None where
+        they are not the layout it reads (fp32, contiguous, on the CPU). Valid until a weight moves
+        (the block keeps it with its weights' addresses)."""
+        hidden, width = block.key.weight.shape
+        norms = [block.norm_h, block.norm_k] + ([block.norm_u] if block.use_conv else [])
+        weights = [block.key.weight, block.value.weight, *(norm.weight for norm in norms)]
+        if block.use_conv:
+            weights.append(block.conv.weight)
+        if any(w is None or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+            return None
+        conv = block.conv if block.use_conv else None
+        if conv is not None and (conv.weight.shape != (hidden, 1, conv.kernel_size[0]) or conv.bias is not None
+                                 or conv.stride[0] != 1 or conv.padding[0] != 0):
+            return None
+        if block.value.weight.shape != (hidden, width) or any(norm.weight.shape != (hidden,) for norm in norms):
+            return None
+        return (hidden, width, block.key.weight.data_ptr(), block.value.weight.data_ptr(),
+                block.norm_h.weight.data_ptr(), _eps(block.norm_h), block.norm_k.weight.data_ptr(), _eps(block.norm_k),
+                block.norm_u.weight.data_ptr() if conv else None, _eps(block.norm_u) if conv else 0.0,
+                conv.weight.data_ptr() if conv else None, conv.kernel_size[0] if conv else 0,
+                conv.dilation[0] if conv else 0)
+
+    def memory_step(self, plan: tuple, h: torch.Tensor, e: torch.Tensor, state: torch.Tensor | None):
+        """One token's Engram block step (``memory_step.c``) with a :meth:`memory_step_plan`, or None
+        where ``h``, ``e`` or ``state`` are not what it reads (the caller then runs PyTorch's code).
+
+        ``h`` [hidden] and ``e`` [width] fp32 contiguous; ``state`` [n, hidden] the earlier
+        convolution inputs (oldest first) or None. Returns ``(y, normed, gate_score_ratio)``: y and
+        normed [hidden] (normed None without a convolution), and gate, score and |y|/|h| as a tensor [3].
+        """
+        hidden, width = plan[0], plan[1]
+        if not (h.shape == (hidden,) and e.shape == (width,) and h.dtype == e.dtype == torch.float32
+                and h.device.type == e.device.type == "cpu" and h.is_contiguous() and e.is_contiguous()
+                and (state is None or (state.dim() == 2 and state.shape[1] == hidden and state.dtype == torch.float32
+                                       and state.device.type == "cpu" and state.stride(1) == 1))):
+            return None
+        kv, y, out = torch.empty(2 * hidden), torch.empty(hidden), torch.empty(3)
+        normed = torch.empty(hidden) if plan[8] is not None else None
+        status = self.library.engram_memory_step(
+            h.data_ptr(), e.data_ptr(), *plan, None if state is None else state.data_ptr(),
+            0 if state is None else state.shape[0], 0 if state is None else state.stride(0), kv.data_ptr(),
+            y.data_ptr(), None if normed is None else normed.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if status:
+            raise NativeKernelError(f"memory_step.c refused hidden {hidden}, width {width} (status {status})")
+        return y, normed, out
+
     def _call(self, function, x: torch.Tensor, codes: torch.Tensor, codes_dtype: torch.dtype, per_code: int,
               scales: torch.Tensor, scales_per_group: int, out_features: int) -> torch.Tensor:
         """Check everything the C code will read or write through raw pointers, then call it."""
@@ -98,6 +147,11 @@ class Kernels:
         return y
 
 
+def _eps(norm: torch.nn.RMSNorm) -> float:
+    """The epsilon ``F.rms_norm`` uses for ``norm`` (None: the dtype's machine epsilon)."""
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+
+
 def _compiler() -> str | None:
     return next((path for path in map(shutil.which, COMPILERS) if path), None)
 
@@ -116,7 +170,7 @@ def _cpu_flags() -> str:
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    parts = (SOURCE.read_bytes(), version.encode(), _cpu_flags().encode(),
+    parts = (*(source.read_bytes() for source in SOURCES), version.encode(), _cpu_flags().encode(),
              torch.backends.cpu.get_cpu_capability().encode(), repr((FLAG_SETS, COMMON_FLAGS)).encode())
     for part in parts:
         digest.update(part)
@@ -134,7 +188,8 @@ def _build(compiler: str, target: Path) -> None:
     errors = []
     try:
         for flags in FLAG_SETS:
-            done = subprocess.run([compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True,
+            done = subprocess.run([compiler, *flags, *COMMON_FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"],
+                                  capture_output=True,
                                   text=True, timeout=300)
             if done.returncode == 0:
                 tmp.replace(target)
@@ -172,6 +227,12 @@ def load_kernels(directory: Path) -> Kernels | None:
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    library.engram_memory_step.restype = ctypes.c_int
+    library.engram_memory_step.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     kernels = Kernels(library, target, int(library.engram_vectorised()), int(library.engram_max_rows()),
                       bool(library.engram_openmp()))
     log.info("4-bit matmul kernel %s: %s, %s.", target.name, ("portable loops", "AVX2", "AVX-512")[kernels.vectorised],
