@@ -127,9 +127,7 @@ class EngramBlock(nn.Module):
         state = None  # the C step reads the last `context` rows itself
         if conv_state is not None and conv_state.shape[1] and self.use_conv:
             state = conv_state[0]
-        memory = memory.reshape(-1)
-        result = kernels.memory_step(plan, hidden.reshape(-1), memory if memory.dtype == torch.float32 else memory.float(),
-                                     state)
+        result = kernels.memory_step(plan, hidden.reshape(-1), memory.reshape(-1).float(), state)
         if result is None:
             return None
         y, normed, gate_score_ratio = result

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from array import array
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -300,7 +299,6 @@ class EngramModel(nn.Module):
             compression = torch.cat([compression, extra])
         self.boundary_id = int(compression.max()) + 1
         self.register_buffer("compression", compression, persistent=False)
-        self._step_compression = array("q", compression.tolist())  # the same map, read by _address_step
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
         # The layout as Python integers, for the addressing of a single decoding step (_address_step).
         self._step_layout = (self.layout.multipliers.tolist(), self.layout.primes.tolist(),
@@ -372,7 +370,7 @@ class EngramModel(nn.Module):
         the layout bounds every product of an id and a multiplier to int64, so Python's integers and
         torch's int64 hold the same values, and both take the non-negative remainder.
         """
-        token = self._step_compression[int(input_ids)]
+        token = int(self.compression[int(input_ids[0, 0])])
         keep = self.config.max_order - 1
         history = [self.boundary_id] * keep
         if state is not None and keep:
@@ -398,7 +396,7 @@ class EngramModel(nn.Module):
         """Per layer, the fetch of its rows (of ``rows`` [B, T, L, R]): one of ``earlier`` if it asked for
         exactly these rows, else one started now; none where the table has nothing to prefetch."""
         fetched: dict[int, PrefetchedRows] = {}
-        if not self.prefetching or type(self.table).prefetch is TableStorage.prefetch:  # rows already in place
+        if not self.prefetching:
             return fetched
         for column, layer in enumerate(self.layer_ids):
             layer_rows = rows[:, :, column]
