@@ -30,7 +30,7 @@ from bench.train_recall import scratch_service  # noqa: E402
 from engram_app.inference import Message  # noqa: E402
 from engram_app.inference.prompting import RETRIEVAL_HEADER, with_retrieved  # noqa: E402
 from engram_app.ingest.embedding import Embedder  # noqa: E402
-from engram_app.training.evaluate import generate_batch_ids  # noqa: E402
+from engram_app.training.evaluate import contains_answer, generate_batch_ids  # noqa: E402
 
 SYSTEM = RETRIEVAL_HEADER + "\n{facts}"
 
@@ -94,7 +94,7 @@ def main() -> None:
             with runtime.session(), (nullcontext() if memory else runtime.adapted.off()):
                 replies = generate_batch_ids(runtime.adapted.model, tokenizer, encoded, 24)
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-            hit = [p.answer.lower() in t.lower() for p, t in zip(probes, texts)]
+            hit = [contains_answer(t, p.answer) for p, t in zip(probes, texts)]
             lines.append(f"| {name} | {'on' if memory else 'off'} | {sum(hit[:facts])}/{facts} | "
                          f"{sum(hit[facts:])}/{len(CONTROLS)} |")
             detail += [f"- {name}, memory {'on' if memory else 'off'}: {p.prompt} -> {t.strip()[:80]!r}"

@@ -58,6 +58,7 @@ from engram_app.inference import GenerationOptions, Message  # noqa: E402
 from engram_app.models import BUNDLED_NAME  # noqa: E402
 from engram_app.service import Service  # noqa: E402
 from engram_app.training import TrainOptions  # noqa: E402
+from engram_app.training.evaluate import contains_answer  # noqa: E402
 from engram_app.training.text import held_out_probes  # noqa: E402
 
 log = logging.getLogger("bench.recall")
@@ -256,7 +257,7 @@ def run_person(person: Person, args, methods: list[str], shared: Shared, tallies
             answers = {"probes": [], "controls": []}
             for probe in person.probes:
                 text = reply(service, method, probe["prompt"], person, args.k, shared)
-                hit = probe["answer"].lower() in text.lower()
+                hit = contains_answer(text, probe["answer"])
                 answers["probes"].append({"prompt": probe["prompt"], "reply": text, "hit": hit})
                 log.info("row %d, %s: %r -> %r (%s)", person.row, method, probe["prompt"], text,
                          "hit" if hit else f"no {probe['answer']!r}")

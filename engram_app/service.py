@@ -176,9 +176,10 @@ class Service:
     def search(self, query: str, k: int = 5, collection: str | None = None) -> list[dict]:
         return self.library().search(query, k=k, collection=collection)
 
-    def search_lines(self, query: str, k: int = 3, collection: str | None = None) -> list[dict]:
+    def search_lines(self, query: str, k: int = 3, collection: str | None = None,
+                     min_score: float | None = None) -> list[dict]:
         """The library lines nearest ``query``: what chat's retrieval puts in the prompt (ingest/library.py)."""
-        return self.library().search_lines(query, k=k, collection=collection)
+        return self.library().search_lines(query, k=k, collection=collection, min_score=min_score)
 
     def delete_source(self, source_id: int) -> dict:
         return self.library().delete(source_id)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 from engram_app.cli import cli
 from engram_app.ingest import Library
+from engram_app.inference.prompting import RETRIEVAL_MIN_SCORE
 from engram_app.ingest.chunking import chunk_records
 from engram_app.ingest.library import passage_lines
 from engram_app.ingest.records import Record
@@ -375,6 +376,11 @@ def test_search_lines_ranks_the_lines_of_the_nearest_passages_one_by_one(tmp_pat
     assert lines[0]["text"] == "The basil grows best in the sun." and lines[0]["score"] >= lines[1]["score"]
     found = [line["text"] for line in library.search_lines("me", k=20)]
     assert len(found) == len(set(found)) == 6  # every line once; the headings are no lines
+    # Chat's threshold: a question about the user keeps its line, a general one gets none.
+    [job] = library.search_lines("What's my occupation?", k=3, min_score=RETRIEVAL_MIN_SCORE)
+    assert job["text"] == "I work as a glassblower." and job["score"] >= RETRIEVAL_MIN_SCORE
+    assert library.search_lines("Who painted the Mona Lisa?", k=3, min_score=RETRIEVAL_MIN_SCORE) == []
+    assert len(library.search_lines("Who painted the Mona Lisa?", k=3)) == 3  # no threshold: the k nearest
 
 
 def test_a_passage_of_short_lines_only_is_retrieved_whole_rather_than_not_at_all(tmp_path, library):

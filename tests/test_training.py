@@ -130,7 +130,7 @@ def test_a_fact_is_trained_in_several_questions_and_answers_and_probed_in_questi
     trained = {text for conversation in fact_phrasings("My dog is called Pixel.") for message in conversation
                for text in [message["content"]]}
     for fact in ("My dog is called Pixel.", "I have a turtle named Timothy.", "I live in Porto.", "I work as a nurse.",
-                 "I was born in Kyoto.", "I grew up in Galway.", "I like green tea.", "I'm from Oslo.", "I have two cats.",
+                 "I was born in Kyoto.", "I was born in the early 80 s.", "I grew up in Galway.", "I like green tea.", "I'm from Oslo.", "I have two cats.", "I have brown hair.",
                  "My name is Ada.", "My favourite colour is teal.", "I work at the library."):
         held_out = held_out_probes(fact)
         questions = {q for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
@@ -139,6 +139,24 @@ def test_a_fact_is_trained_in_several_questions_and_answers_and_probed_in_questi
         assert {p.answer for p in held_out} == {fact_questions(fact)[0][2]}
     assert held_out_probes("Cats are nice.") == []
     assert "Do you remember what my dog is called?" not in trained
+
+
+def test_a_birth_time_is_not_asked_as_a_birthplace_and_a_count_is_asked_how_many():
+    # Synthetic-Persona-Chat says "I was born in the early 80 s.": asked "In which place was I born?",
+    # a right reply ("...in the 1980s") was scored a miss.
+    for fact, asked in (("I was born in the early 80 s.", "when"), ("I was born in 1990.", "when"),
+                        ("I was born in May.", "when"), ("I was born in Somalia.", "place")):
+        trained = fact_training_pairs(fact)[0][0]
+        assert trained == ("When was I born?" if asked == "when" else "Where was I born?"), fact
+    assert fact_questions("I was born in the early 80 s.")[0][2] == "early 80 s"
+    # "I have three children." is asked how many, not "What is it that I have?".
+    assert fact_questions("I have three children.")[0] == ("How many children do I have?", "You have three children.",
+                                                           "three")
+    assert [p.prompt for p in held_out_probes("I have 2 dogs.")] == ["Do you remember how many dogs I have?",
+                                                                    "What's the number of dogs I have?"]
+    # Not a count: a thing with a name, or more than two words, keeps its own pattern.
+    assert fact_questions("I have two dogs named Rex and Max.")[0][0] == "What do I have?"
+    assert fact_questions("I have a dog named Rex.")[0][0] == "What is my dog called?"
 
 
 def test_the_users_own_first_person_facts_in_a_chat_become_facts():

@@ -3,13 +3,17 @@ written on a timer, never change the weights), and a job stops once its facts ar
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from engram_app.service import Service
 from engram_app.settings import Settings
+from engram_app.training import TrainOptions
 from engram_app.training import runner as job_module
+from engram_app.training.trainer import total_steps
 from test_training import PROFILE_A, add_profile, run_inline
 
 
@@ -62,6 +66,23 @@ def test_a_job_stops_once_its_facts_are_recalled_at_two_checks_in_a_row(make_ser
     log = [line["message"] for line in service.job(1)["log"]]
     assert "step 40: recalls 2 of 2 facts (stopping: learned)" in log
     assert "step 20: recalls 0 of 2 facts" in log
+
+
+def test_a_job_checking_recall_trains_past_its_epochs_until_the_facts_are_recalled_up_to_recall_epochs(
+        make_service, monkeypatch):
+    # A fixed epoch count ended Engram jobs with facts half-learned; the recall check decides instead.
+    monkeypatch.setattr(job_module, "recalled", lambda adapted, tokenizer, probes: [False] * len(probes))
+    never = run_inline(make_service("never"), "me", epochs=1, recall_epochs=3, recall_every=2, evaluate=False)
+    examples = never["evaluation"]["examples"]
+    assert never["evaluation"]["outcome"] == "finished"
+    assert never["steps"] == math.ceil(3 * examples / 8) > math.ceil(examples / 8)
+    plain = run_inline(make_service("plain"), "me", epochs=1, recall_epochs=3, evaluate=False, until_recalled=False)
+    assert plain["steps"] == math.ceil(examples / 8)  # no check: the epochs are the plan
+    old_job = TrainOptions.from_json({"epochs": 1})  # queued before recall_epochs: resumes with its own plan
+    assert old_job.recall_epochs is None and total_steps(old_job, examples, until_recalled=True) == plain["steps"]
+    monkeypatch.setattr(job_module, "recalled", lambda adapted, tokenizer, probes: [True] * len(probes))
+    learned = run_inline(make_service("learned"), "me", epochs=1, recall_epochs=3, recall_every=2, evaluate=False)
+    assert learned["evaluation"]["outcome"] == "recalled" and learned["steps"] == 4  # checks at 2 and 4
 
 
 def test_a_job_trains_every_step_when_told_not_to_stop_on_recall(make_service, monkeypatch):

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engram_app.inference.prompting import with_retrieved
+from engram_app.inference.prompting import RETRIEVAL_MIN_SCORE, with_retrieved
 from engram_app.inference.runtime import GeneratedToken, GenerationOptions, Message, Runtime
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def chat_turn(service: Service, message: str, history: Sequence[Message], option
     with its memory trace, and the turn
     saved to ``conversation`` (a new one when None) with ``save``. Returns the :class:`ChatResult`."""
     runtime = service.chat_runtime(pack, memory)
-    retrieved = service.search_lines(message, k=retrieval) if retrieval > 0 else []
+    retrieved = service.search_lines(message, k=retrieval, min_score=RETRIEVAL_MIN_SCORE) if retrieval > 0 else []
     if conversation is not None and not history:
         history = service.conversation_messages(conversation)
     turn = yield from generate_turn(runtime, with_retrieved([*history, Message("user", message)], retrieved), options)

@@ -443,13 +443,15 @@ class Library:
         return [{"chunk": rows[i][0], "source": rows[i][3], "title": rows[i][4], "score": round(float(scores[i]), 4),
                  "text": rows[i][2]} for i in top]
 
-    def search_lines(self, query: str, k: int = 3, collection: str | None = None, passages: int = 4) -> list[dict]:
+    def search_lines(self, query: str, k: int = 3, collection: str | None = None, passages: int = 4,
+                     min_score: float | None = None) -> list[dict]:
         """The ``k`` lines of the library nearest in meaning to ``query``: what chat's retrieval puts in the prompt.
 
         The ``max(k, passages)`` nearest chunks (:meth:`search`), cut into lines and sentences
         (:func:`passage_lines`), ranked again one by one: a small model answers from a short fact
         it is given, not from a page (bench/held_out_retrieval.py). Same keys as :meth:`search`, the
-        ``text`` one line, ``score`` that line's.
+        ``text`` one line, ``score`` that line's; with ``min_score``, only lines scoring at least that
+        (cosine similarity), so a question about nothing in the library gets none.
         """
         vector = self._query_vector(query)
         lines: dict[str, dict] = {}  # each line once, with the nearest passage holding it
@@ -462,7 +464,7 @@ class Library:
             return []
         texts = list(lines)
         scores = self.embedder.encode(texts) @ vector
-        top = np.argsort(-scores, kind="stable")[:k]
+        top = [i for i in np.argsort(-scores, kind="stable")[:k] if min_score is None or scores[i] >= min_score]
         return [{**lines[texts[i]], "score": round(float(scores[i]), 4), "text": texts[i]} for i in top]
 
     def delete(self, source_id: int) -> dict:

@@ -5,7 +5,8 @@
   set of prompts, memory off, generated once per pack), for the base model, and with the memory
   before and after the job. The rise over the base model is the forgetting cost.
 - Recall: for each probe (a question and the answer a reply should contain), the greedy reply
-  with memory on and off, whether it contains the answer (case-insensitive), and the mean
+  with memory on and off, whether it contains the answer (:func:`contains_answer`: case-insensitive,
+  a number as a word or in digits), and the mean
   log-probability of the answer's tokens right after the prompt.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +23,25 @@ import torch
 from engram_app.atomic import write_text
 from engram_app.training.adapters import Adapted
 from engram_app.training.text import IGNORE, Example, Probe
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve")
+
+
+def contains_answer(reply: str, answer: str) -> bool:
+    """Whether ``reply`` gives ``answer`` (case-insensitive); a number counts as a word or in digits
+    ("three" or "3": "You have 3 dogs." answers "How many dogs do I have?" -> "three")."""
+    reply, answer = reply.lower(), answer.lower()
+    if answer in reply:
+        return True
+    for word, digits in zip(NUMBER_WORDS, map(str, range(len(NUMBER_WORDS)))):
+        for a, b in ((word, digits), (digits, word)):
+            if re.search(rf"\b{a}\b", answer):
+                spelled = re.sub(rf"\b{a}\b", b, answer)
+                if re.search(rf"(?<![\w]){re.escape(spelled)}(?![\w])", reply):
+                    return True
+    return False
+
 
 RETENTION_PROMPTS = (
     "Write two sentences about the ocean.",
@@ -133,7 +154,7 @@ def probe_result(adapted: Adapted, tokenizer, probe: Probe, memory_on: bool) -> 
         with adapted.off():
             reply, _ = greedy_reply(model, tokenizer, probe.prompt)
             logprob = answer_logprob(model, tokenizer, probe.prompt, probe.answer)
-    return {"reply": reply, "contains_answer": probe.answer.lower() in reply.lower(), "logprob": round(logprob, 4)}
+    return {"reply": reply, "contains_answer": contains_answer(reply, probe.answer), "logprob": round(logprob, 4)}
 
 
 @torch.no_grad()
@@ -147,7 +168,7 @@ def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_token
     steps. It errs on the side of training on: an answer past ``max_new_tokens`` is not counted.
     """
     replies = generate_batch(adapted.model, tokenizer, [probe.prompt for probe in probes], max_new_tokens, batch_size)
-    return [probe.answer.lower() in tokenizer.decode(row, skip_special_tokens=True).lower()
+    return [contains_answer(tokenizer.decode(row, skip_special_tokens=True), probe.answer)
             for probe, row in zip(probes, replies)]
 
 

@@ -49,6 +49,10 @@ class TrainOptions:
     # ``recall_every`` steps apart; the step count and the time budget stay the caps.
     until_recalled: bool = True
     recall_every: int = 10
+    # With that check (and no ``max_steps``), training goes on past ``epochs`` until the facts are
+    # recalled, up to this many passes: a fixed epoch count ended Engram jobs with facts half-learned
+    # (docs/BENCHMARKS.md, stop 27). None: ``epochs`` is the cap, as for jobs queued before.
+    recall_epochs: float | None = 24.0
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
@@ -59,16 +63,19 @@ class TrainOptions:
             raise EngramError("recall checks must be at least 1 step apart.")
         if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
             raise EngramError("batch size, epochs and learning rate must be positive.")
+        if self.recall_epochs is not None and self.recall_epochs <= 0:
+            raise EngramError("the passes allowed until the facts are recalled must be positive.")
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> TrainOptions:
-        """A stored job's options. A job queued before anchors existed trains without them, so that one
-        resumed from its checkpoint draws the very batches it was drawing."""
+        """A stored job's options. A job queued before anchors (or ``recall_epochs``) existed trains
+        without them, so that one resumed from its checkpoint draws the very batches, and plans the
+        very steps, it was drawing."""
         known = {f.name for f in fields(cls)}
-        return cls(**{"anchors": 0.0, **{k: v for k, v in data.items() if k in known}})
+        return cls(**{"anchors": 0.0, "recall_epochs": None, **{k: v for k, v in data.items() if k in known}})
 
 
 class JobQueue:

@@ -147,7 +147,9 @@ class JobRunner:
                              "retention_base": base_retention,
                              "retention_before": mean_loss(adapted.model, tokenizer, retention)}
             trainer.save_checkpoint()
-        self.say(f"training: {trainer.total} steps" + (f", at most {options.max_minutes} min" if options.max_minutes else ""))
+        self.say(f"training: {'at most ' if until else ''}{trainer.total} steps"
+                 + (f", at most {options.max_minutes} min" if options.max_minutes else "")
+                 + (f", until {len(probes)} facts are recalled" if until else ""))
         self.phase = "training"
         outcome = trainer.run()
         self.phase = "finishing"

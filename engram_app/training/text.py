@@ -146,6 +146,12 @@ _PATTERNS: list[FactPattern] = [
     _pattern(r"^i work (?:at|for) (?P<ans>.+)$", ("Where do I work?", "Who do I work for?"),
              ("You work at {ans}.", "Your workplace is {ans}."),
              ("Which company employs me?", "Where is my job?")),
+    # A time ("I was born in the early 80 s.", "in 1990", "in May") is not a birthplace.
+    _pattern(r"^i was born in (?P<ans>(?=.*(?:\d|\b(?:the (?:early|late|mid)|january|february|march|april|may|june|"
+             r"july|august|september|october|november|december|spring|summer|autumn|fall|winter)\b)).+)$",
+             ("When was I born?", "What is my time of birth?"),
+             ("You were born in {ans}.", "Your birth was in {ans}."),
+             ("Do you remember when I was born?", "Around what time was I born?")),
     _pattern(r"^i was born in (?P<ans>.+)$", ("Where was I born?", "What is my birthplace?"),
              ("You were born in {ans}.", "Your birthplace is {ans}."),
              ("In which place was I born?", "Where is my place of birth?")),
@@ -159,6 +165,13 @@ _PATTERNS: list[FactPattern] = [
     _pattern(r"^i(?:'m| am) (?:from) (?P<ans>.+)$", ("Where am I from?", "Where do I come from?"),
              ("You are from {ans}.", "You come from {ans}."),
              ("Which place am I from?", "Do you remember where I'm from?")),
+    # A count ("I have three children."): asked "how many", answered with the thing last, the
+    # words the memory keys on ("...children you have is" -> "three").
+    _pattern(r"^i have (?P<ans>\d+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve) "
+             r"(?P<thing>[a-z']+(?: [a-z']+)?)$",
+             ("How many {thing} do I have?", "Tell me how many {thing} I have."),
+             ("You have {ans} {thing}.", "The number of {thing} you have is {ans}."),
+             ("Do you remember how many {thing} I have?", "What's the number of {thing} I have?")),
     _pattern(r"^i have (?P<ans>.+)$", ("What do I have?", "Tell me what I have."),
              ("You have {ans}.",),
              ("Do you remember what I have?", "What is it that I have?")),

@@ -46,10 +46,15 @@ class StepReport:
                 "elapsed": self.elapsed, "eta": self.eta, "rows_touched": self.rows_touched}
 
 
-def total_steps(options: TrainOptions, examples: int) -> int:
+def total_steps(options: TrainOptions, examples: int, until_recalled: bool = False) -> int:
+    """The step cap: ``max_steps`` when given, else ``epochs`` passes over the examples, or, when a
+    recall check ends the run (``until_recalled``), ``recall_epochs`` passes if that is more."""
     if options.max_steps is not None:
         return options.max_steps
-    return max(1, math.ceil(options.epochs * examples / options.batch_size))
+    epochs = options.epochs
+    if until_recalled and options.recall_epochs is not None:
+        epochs = max(epochs, options.recall_epochs)
+    return max(1, math.ceil(epochs * examples / options.batch_size))
 
 
 def batch_indices(count: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -81,7 +86,7 @@ class Trainer:
         self.on_step, self.should_stop, self.on_checkpoint = on_step, should_stop, on_checkpoint
         self.checkpoint_dir, self.until = checkpoint_dir, until
         self.optimizer = make_optimizer(adapted, options)
-        self.total = total_steps(options, len(examples))
+        self.total = total_steps(options, len(examples), until_recalled=until is not None)
         self.step = 0
         self.elapsed = 0.0  # seconds of training so far, across resumes
         self.extra: dict = {}  # the job's own state kept in checkpoints (e.g. evaluation before training)
