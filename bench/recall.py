@@ -16,7 +16,8 @@ asked), and its own packs trained with the app's budget (``--budget quick`` = 2 
 - base: the model alone (no memory).
 - profile-prompt: the persona lines in a system message (always the persona lines, also with
   ``--source chat``: the upper bound of putting everything in the prompt).
-- retrieval: the app's retrieval mode (the nearest ``--k`` library lines in the system message).
+- retrieval: the app's retrieval mode (the nearest ``--k`` library lines, those at least
+  ``RETRIEVAL_MIN_SCORE`` similar to the question, in the system message).
 - engram: an Engram pack (mode "engram").
 - lora: a LoRA pack (mode "lora", the rank of the app's PackConfig; the table says which).
 - engram+retrieval: the Engram pack and retrieval together (the same pack as "engram").

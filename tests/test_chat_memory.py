@@ -140,6 +140,10 @@ def test_retrieval_puts_the_nearest_library_line_alone_into_the_system_message(t
     system = prompt[:prompt.index("What grows best in the sun?")]
     assert f"{RETRIEVAL_HEADER}\n- The basil grows best in the sun" in system  # before the user's message
     assert "tomatoes" not in prompt and "compost" not in prompt  # the line, not its passage
+    # A general question is near no line (RETRIEVAL_MIN_SCORE): no system message of lines at all.
+    general = service.chat("Who painted the Mona Lisa?", options=SHORT, retrieval=3)
+    assert general.retrieved == ()
+    assert RETRIEVAL_HEADER not in service.runtime.tokenizer.decode(general.prompt_ids)
 
 
 def test_chat_picks_up_a_new_version_without_a_restart(trained, tmp_path):
