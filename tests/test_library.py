@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from conftest import ROOT
 from engram_app.cli import cli
-from engram_app.ingest import Library
 from engram_app.inference.prompting import RETRIEVAL_MIN_SCORE
+from engram_app.ingest import Library
 from engram_app.ingest.chunking import chunk_records
 from engram_app.ingest.library import passage_lines
 from engram_app.ingest.records import Record

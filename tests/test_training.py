@@ -130,8 +130,8 @@ def test_a_fact_is_trained_in_several_questions_and_answers_and_probed_in_questi
     trained = {text for conversation in fact_phrasings("My dog is called Pixel.") for message in conversation
                for text in [message["content"]]}
     for fact in ("My dog is called Pixel.", "I have a turtle named Timothy.", "I live in Porto.", "I work as a nurse.",
-                 "I was born in Kyoto.", "I was born in the early 80 s.", "I grew up in Galway.", "I like green tea.", "I'm from Oslo.", "I have two cats.", "I have brown hair.",
-                 "My name is Ada.", "My favourite colour is teal.", "I work at the library."):
+                 "I was born in Kyoto.", "I was born in the early 80 s.", "I grew up in Galway.", "I like green tea.",
+                 "I'm from Oslo.", "I have two cats.", "I have brown hair.", "My name is Ada.", "My favourite colour is teal.", "I work at the library."):
         held_out = held_out_probes(fact)
         questions = {q for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
         assert len(held_out) >= 2, fact
