@@ -120,7 +120,11 @@ def test_first_person_facts_become_second_person_questions_and_answers():
     assert phrasings[0] == [{"role": "text", "content": "My dog is called Pixel."}]
     assert [{"role": "user", "content": "What is my dog called?"},
             {"role": "assistant", "content": "Your dog is called Pixel."}] in phrasings
-    assert len(fact_phrasings("Cats are nice.")) == 4
+    assert len(fact_phrasings("Cats are nice.")) == 3  # the text, and two generic questions answered with it
+    # Never the user's statement echoed back ("Noted: your dog is called Pixel."): it taught the memory
+    # to answer a question by repeating it ("Remind me, what are my parents?" -> "Remind me, what are
+    # your parents?"), and held-out recall rose without it (docs/BENCHMARKS.md, stop 27).
+    assert not any(m["content"].startswith("Noted") for c in phrasings for m in c)
 
 
 def test_a_fact_is_trained_in_several_questions_and_answers_and_probed_in_questions_it_never_saw():
@@ -131,7 +135,8 @@ def test_a_fact_is_trained_in_several_questions_and_answers_and_probed_in_questi
                for text in [message["content"]]}
     for fact in ("My dog is called Pixel.", "I have a turtle named Timothy.", "I live in Porto.", "I work as a nurse.",
                  "I was born in Kyoto.", "I was born in the early 80 s.", "I grew up in Galway.", "I like green tea.",
-                 "I'm from Oslo.", "I have two cats.", "I have brown hair.", "My name is Ada.", "My favourite colour is teal.", "I work at the library."):
+                 "I'm from Oslo.", "I have two cats.", "I have brown hair.", "My name is Ada.",
+                 "My favourite colour is teal.", "I work at the library."):
         held_out = held_out_probes(fact)
         questions = {q for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
         assert len(held_out) >= 2, fact

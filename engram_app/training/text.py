@@ -223,10 +223,7 @@ def fact_phrasings(fact: str) -> list[list[dict]]:
     """The conversations (lists of chat messages) a fact is trained as; the first is plain text."""
     fact = _sentence(fact)
     told = _sentence(second_person(fact))
-    conversations = [
-        [{"role": "text", "content": fact}],
-        [{"role": "user", "content": fact}, {"role": "assistant", "content": f"Noted: {told[:1].lower()}{told[1:]}"}],
-    ]
+    conversations = [[{"role": "text", "content": fact}]]
     for question in GENERIC_QUESTIONS[:2]:
         conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": told}])
     pairs = fact_training_pairs(fact)
