@@ -49,29 +49,49 @@ def test_a_run_checkpointing_every_step_ends_with_the_same_memory_as_one_that_ne
         assert torch.equal(never[key], every[key]), key
 
 
-def test_a_job_stops_once_its_facts_are_recalled_at_two_checks_in_a_row(make_service, monkeypatch):
-    answers = iter([True, False, True, True, True, True])  # recall at steps 10, 20, 30, 40, ...
+def test_a_job_stops_once_its_facts_are_recalled_with_a_margin_at_two_checks_in_a_row(make_service, monkeypatch):
+    # Per check, each answer's lead over the runner-up token (None: not in the reply). At step 30
+    # both facts are in the replies, but by a hair (0.2 nats): that check does not count.
+    answers = iter([5.0, None, 0.2, 5.0, 5.0, 5.0])  # checks at steps 10, 20, 30, 40, 50, ...
     checked = []
 
-    def fake_recalled(adapted, tokenizer, probes):
+    def fake_margins(adapted, tokenizer, probes):
         checked.append(len(probes))
         return [next(answers)] * len(probes)
 
-    monkeypatch.setattr(job_module, "recalled", fake_recalled)
+    monkeypatch.setattr(job_module, "answer_margins", fake_margins)
     service = make_service("stop")
     result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False)
     assert result["evaluation"]["outcome"] == "recalled"
-    assert result["steps"] == 40  # 10 yes, 20 no (streak reset), 30 yes, 40 yes: stop
-    assert checked == [2, 2, 2, 2]  # the profile's two facts (dog, city) at each check
+    assert result["steps"] == 50  # 10 yes, 20 no (streak reset), 30 no margin (reset), 40 yes, 50 yes: stop
+    assert checked == [2, 2, 2, 2, 2]  # the profile's two facts (dog, city) at each check
     log = [line["message"] for line in service.job(1)["log"]]
-    assert "step 40: recalls 2 of 2 facts (stopping: learned)" in log
-    assert "step 20: recalls 0 of 2 facts" in log
+    assert "step 50: recalls 2 of 2 facts, 2 with a margin (stopping: learned)" in log
+    assert "step 30: recalls 2 of 2 facts, 0 with a margin" in log
+    assert "step 20: recalls 0 of 2 facts, 0 with a margin" in log
+
+
+def test_the_margin_of_a_recalled_answer_is_the_smallest_lead_among_the_tokens_that_spell_it(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from engram_app.training.evaluate import _answer_gap
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = tokenizer.encode("Your dog is called Pixelina, a greyhound.", add_special_tokens=False)
+    leads = [float(10 + i) for i in range(len(row))]
+    first = next(k for k in range(1, len(row) + 1) if "Pixelina" in tokenizer.decode(row[:k]))
+    start = next(j for j in range(first - 1, -1, -1) if "Pixelina" in tokenizer.decode(row[j:first]))
+    assert first - start >= 1
+    leads[start] = 0.5  # the answer's first token only just won
+    assert _answer_gap(tokenizer, row, leads, "pixelina") == 0.5
+    assert _answer_gap(tokenizer, row, leads, "greyhound") > 10  # the other tokens lead clearly
+    assert _answer_gap(tokenizer, row, leads, "Timothy") is None
 
 
 def test_a_job_checking_recall_trains_past_its_epochs_until_the_facts_are_recalled_up_to_recall_epochs(
         make_service, monkeypatch):
     # A fixed epoch count ended Engram jobs with facts half-learned; the recall check decides instead.
-    monkeypatch.setattr(job_module, "recalled", lambda adapted, tokenizer, probes: [False] * len(probes))
+    monkeypatch.setattr(job_module, "answer_margins", lambda adapted, tokenizer, probes: [None] * len(probes))
     never = run_inline(make_service("never"), "me", epochs=1, recall_epochs=3, recall_every=2, evaluate=False)
     examples = never["evaluation"]["examples"]
     assert never["evaluation"]["outcome"] == "finished"
@@ -80,13 +100,13 @@ def test_a_job_checking_recall_trains_past_its_epochs_until_the_facts_are_recall
     assert plain["steps"] == math.ceil(examples / 8)  # no check: the epochs are the plan
     old_job = TrainOptions.from_json({"epochs": 1})  # queued before recall_epochs: resumes with its own plan
     assert old_job.recall_epochs is None and total_steps(old_job, examples, until_recalled=True) == plain["steps"]
-    monkeypatch.setattr(job_module, "recalled", lambda adapted, tokenizer, probes: [True] * len(probes))
+    monkeypatch.setattr(job_module, "answer_margins", lambda adapted, tokenizer, probes: [5.0] * len(probes))
     learned = run_inline(make_service("learned"), "me", epochs=1, recall_epochs=3, recall_every=2, evaluate=False)
     assert learned["evaluation"]["outcome"] == "recalled" and learned["steps"] == 4  # checks at 2 and 4
 
 
 def test_a_job_trains_every_step_when_told_not_to_stop_on_recall(make_service, monkeypatch):
-    monkeypatch.setattr(job_module, "recalled", lambda adapted, tokenizer, probes: [True] * len(probes))
+    monkeypatch.setattr(job_module, "answer_margins", lambda adapted, tokenizer, probes: [5.0] * len(probes))
     service = make_service("all")
     result = run_inline(service, "me", max_steps=25, recall_every=5, evaluate=False, until_recalled=False)
     assert result["steps"] == 25 and result["evaluation"]["outcome"] == "finished"

@@ -157,19 +157,47 @@ def probe_result(adapted: Adapted, tokenizer, probe: Probe, memory_on: bool) -> 
     return {"reply": reply, "contains_answer": contains_answer(reply, probe.answer), "logprob": round(logprob, 4)}
 
 
+# The stop test's margin: each token of the answer must beat the runner-up by this much (logits, i.e.
+# nats of log-probability). A fact the greedy reply reaches by a hair ("Your dog is called" ->
+# " Pixel" just ahead of " a") flips with the batch it is answered in or one more step of training;
+# one nat (the answer's token at least e times as likely as any other) holds.
+RECALL_MARGIN = 1.0
+
+
 @torch.no_grad()
 def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_tokens: int = 24,
-             batch_size: int = 16) -> list[bool]:
-    """For each probe, whether the greedy reply with memory on contains its answer.
+             batch_size: int = 16, margin: float | None = None) -> list[bool]:
+    """For each probe, whether the greedy reply with memory on contains its answer (and, with
+    ``margin``, whether each of the answer's tokens won its greedy choice by at least that many nats).
 
     The training job's stop test, run every few steps: the probes are answered in batches
     (left-padded; a padded position hashes like the start of a sequence) with a shorter reply
     than :func:`probe_result`'s, so a check of 24 facts costs about as much as a few training
     steps. It errs on the side of training on: an answer past ``max_new_tokens`` is not counted.
     """
-    replies = generate_batch(adapted.model, tokenizer, [probe.prompt for probe in probes], max_new_tokens, batch_size)
-    return [contains_answer(tokenizer.decode(row, skip_special_tokens=True), probe.answer)
-            for probe, row in zip(probes, replies)]
+    gaps = answer_margins(adapted, tokenizer, probes, max_new_tokens, batch_size)
+    return [gap is not None and (margin is None or gap >= margin) for gap in gaps]
+
+
+@torch.no_grad()
+def answer_margins(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_tokens: int = 24,
+                   batch_size: int = 16) -> list[float | None]:
+    """For each probe, the smallest lead (in logits) of the chosen token over the runner-up among the
+    greedy reply's tokens that spell the answer; None when the reply does not contain the answer."""
+    scored = generate_batch_scored(adapted.model, tokenizer, [prompt_ids(tokenizer, p.prompt) for p in probes],
+                                   max_new_tokens, batch_size)
+    return [_answer_gap(tokenizer, row, gaps, probe.answer) for probe, (row, gaps) in zip(probes, scored)]
+
+
+def _answer_gap(tokenizer, row: list[int], gaps: list[float], answer: str) -> float | None:
+    def says(ids) -> bool:
+        return contains_answer(tokenizer.decode(ids, skip_special_tokens=True), answer)
+
+    end = next((k for k in range(1, len(row) + 1) if says(row[:k])), None)
+    if end is None:
+        return None
+    start = next(j for j in range(end - 1, -1, -1) if says(row[j:end]))
+    return min(gaps[start:end])
 
 
 @torch.no_grad()
@@ -184,10 +212,17 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 def generate_batch_ids(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
                        batch_size: int = 16) -> list[list[int]]:
     """:func:`generate_batch` for prompts already made into token ids (e.g. with a system message)."""
+    return [row for row, _gaps in generate_batch_scored(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def generate_batch_scored(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                          batch_size: int = 16) -> list[tuple[list[int], list[float]]]:
+    """:func:`generate_batch_ids`, each reply with, per token, the lead of its logit over the runner-up's."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     stop = {tokenizer.eos_token_id, pad}
-    replies: list[list[int]] = []
+    replies: list[tuple[list[int], list[float]]] = []
     for start in range(0, len(prompts), batch_size):
         encoded = list(prompts[start: start + batch_size])
         width = max(len(p) for p in encoded)
@@ -197,10 +232,13 @@ def generate_batch_ids(model, tokenizer, prompts: Sequence[list[int]], max_new_t
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-        for row in out[:, width:].tolist():
+                             do_sample=False, pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+        top2 = torch.stack([step.float().topk(2, dim=-1).values for step in out.logits], dim=1)  # (batch, steps, 2)
+        leads = (top2[..., 0] - top2[..., 1]).tolist()
+        for row, lead in zip(out.sequences[:, width:].tolist(), leads):
             end = next((j for j, token in enumerate(row) if token in stop), len(row))
-            replies.append(row[:end + 1] if end < len(row) and row[end] == tokenizer.eos_token_id else row[:end])
+            keep = end + 1 if end < len(row) and row[end] == tokenizer.eos_token_id else end
+            replies.append((row[:keep], lead[:keep]))
     return replies
 
 

@@ -45,7 +45,8 @@ class TrainOptions:
     keep_on_cancel: bool = True  # a cancelled job still writes a version of what it learned
     evaluate: bool = True
     max_probes: int = 24
-    # Stop as soon as the pack's own fact probes are recalled (memory on) at two checks in a row,
+    # Stop as soon as the pack's own fact probes are recalled (memory on), each answer with a margin
+    # (evaluate.RECALL_MARGIN), at two checks in a row,
     # ``recall_every`` steps apart; the step count and the time budget stay the caps.
     until_recalled: bool = True
     recall_every: int = 10

@@ -32,10 +32,11 @@ from engram_app.training import adapters
 from engram_app.training.dataset import Plan, build, plan
 from engram_app.training.evaluate import (
     ANCHOR_PROMPTS,
+    RECALL_MARGIN,
     anchor_examples,
+    answer_margins,
     held_out_recall,
     mean_loss,
-    recalled,
     relative,
     retention_examples,
     run_probes,
@@ -181,18 +182,22 @@ class JobRunner:
                 "evaluation": evaluation}
 
     def _recall_check(self, adapted, tokenizer, probes: list[Probe]) -> Callable[[int], bool]:
-        """The trainer's stop test: every probe recalled with memory on, at two checks in a row.
+        """The trainer's stop test: every probe recalled with memory on, with a margin
+        (:data:`~engram_app.training.evaluate.RECALL_MARGIN`), at two checks in a row.
 
-        Two in a row, not one: a fact the greedy reply only just reaches at one check can slip at
-        the next step; stopping after it held twice leaves a margin for the chat that follows.
+        A margin and two in a row, not one bare hit: a fact the greedy reply only just reaches
+        flips with the batch it is answered in (the chat answers it alone) or slips at the next
+        step; stopping once each answer clearly wins, twice, leaves the chat that follows a margin.
         """
         streak = 0
 
         def check(step: int) -> bool:
             nonlocal streak
-            hits = sum(recalled(adapted, tokenizer, probes))
-            streak = streak + 1 if hits == len(probes) else 0
-            self.say(f"step {step}: recalls {hits} of {len(probes)} facts"
+            gaps = answer_margins(adapted, tokenizer, probes)
+            hits = sum(gap is not None for gap in gaps)
+            held = sum(gap is not None and gap >= RECALL_MARGIN for gap in gaps)
+            streak = streak + 1 if held == len(probes) else 0
+            self.say(f"step {step}: recalls {hits} of {len(probes)} facts, {held} with a margin"
                      + (" (stopping: learned)" if streak >= 2 else ""))
             return streak >= 2
 
