@@ -74,18 +74,32 @@ def test_a_job_stops_once_its_facts_are_recalled_with_a_margin_at_two_checks_in_
 def test_the_margin_of_a_recalled_answer_is_the_smallest_lead_among_the_tokens_that_spell_it(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from engram_app.training.evaluate import _answer_gap
+    from engram_app.training.evaluate import answer_gap
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    row = tokenizer.encode("Your dog is called Pixelina, a greyhound.", add_special_tokens=False)
-    leads = [float(10 + i) for i in range(len(row))]
-    first = next(k for k in range(1, len(row) + 1) if "Pixelina" in tokenizer.decode(row[:k]))
-    start = next(j for j in range(first - 1, -1, -1) if "Pixelina" in tokenizer.decode(row[j:first]))
-    assert first - start >= 1
-    leads[start] = 0.5  # the answer's first token only just won
-    assert _answer_gap(tokenizer, row, leads, "pixelina") == 0.5
-    assert _answer_gap(tokenizer, row, leads, "greyhound") > 10  # the other tokens lead clearly
-    assert _answer_gap(tokenizer, row, leads, "Timothy") is None
+
+    def reply(*pieces):  # the reply's token ids, and the index range of each piece in it
+        row, spans = [], []
+        for piece in pieces:
+            ids = tokenizer.encode(piece, add_special_tokens=False)
+            spans.append(range(len(row), len(row) + len(ids)))
+            row += ids
+        return row, spans
+
+    row, (_, name, _) = reply("Your dog is called", " Pixelina", ", a greyhound.")
+    leads = [10.0 + i for i in range(len(row))]
+    leads[0] = 0.1  # a close call before the answer does not count
+    leads[name[-1]] = 0.5  # the answer's last token only just won
+    assert answer_gap(tokenizer, row, leads, "pixelina") == 0.5
+    assert answer_gap(tokenizer, row, leads, "greyhound") >= 10 + name[-1] + 1  # only the later tokens
+    assert answer_gap(tokenizer, row, leads, "Timothy") is None
+
+    # A number matched at the end of a prefix ("You have 3") is undone by the next token ("30").
+    row, _ = reply("You have 30 dogs.")
+    assert answer_gap(tokenizer, row, [5.0] * len(row), "three") is None
+    row, (head, three, _) = reply("You have 30 dogs and", " 3", " cats.")
+    leads = [0.2 if i in head else 0.7 if i in three else 5.0 for i in range(len(row))]  # "30" is in head
+    assert answer_gap(tokenizer, row, leads, "three") == 0.7
 
 
 def test_a_job_checking_recall_trains_past_its_epochs_until_the_facts_are_recalled_up_to_recall_epochs(
@@ -143,6 +157,18 @@ def test_the_batched_recall_check_answers_each_probe_as_a_reply_of_its_own_would
     assert recalled(adapted, loaded.tokenizer, own, batch_size=3) == [True, True, True]
     swapped = [Probe(prompts[0], replies[1] + " zebra"), *own[1:]]
     assert recalled(adapted, loaded.tokenizer, swapped, batch_size=2) == [False, True, True]
+
+    # With the scores greedy decoding chose by: one lead per reply token, none negative, the first
+    # equal to the prompt's own next-token logits (top one minus the runner-up).
+    from engram_app.training.evaluate import generate_batch_ids, generate_batch_scored, prompt_ids
+
+    ids = [prompt_ids(loaded.tokenizer, p) for p in prompts]
+    scored = generate_batch_scored(adapted.model, loaded.tokenizer, ids, 24, batch_size=3)
+    assert [row for row, _ in scored] == generate_batch_ids(adapted.model, loaded.tokenizer, ids, 24, batch_size=3)
+    assert all(len(leads) == len(row) and min(leads) >= 0 for row, leads in scored)
+    with torch.no_grad():
+        top = adapted.model(input_ids=torch.tensor([ids[0]])).logits[0, -1].float().topk(2).values
+    assert abs(scored[0][1][0] - float(top[0] - top[1])) < 1e-3
 
 
 def test_the_until_learned_preset_queues_a_job_with_no_time_limit(make_service, monkeypatch):

@@ -157,47 +157,59 @@ def probe_result(adapted: Adapted, tokenizer, probe: Probe, memory_on: bool) -> 
     return {"reply": reply, "contains_answer": contains_answer(reply, probe.answer), "logprob": round(logprob, 4)}
 
 
-# The stop test's margin: each token of the answer must beat the runner-up by this much (logits, i.e.
-# nats of log-probability). A fact the greedy reply reaches by a hair ("Your dog is called" ->
-# " Pixel" just ahead of " a") flips with the batch it is answered in or one more step of training;
-# one nat (the answer's token at least e times as likely as any other) holds.
+# The stop test's margin: each token of the answer must beat the runner-up by this much (in the
+# scores greedy decoding chose by, i.e. nats of log-probability). A fact the greedy reply reaches by
+# a hair ("Your dog is called" -> " Pixel" just ahead of " a") came out differently in the chat that
+# followed, which answers one question at a time where the check answers a batch. One nat (the
+# answer's token at least e times as likely as any other) is a rule of thumb that ended those
+# misses in the bundled-model tests, not a guarantee.
 RECALL_MARGIN = 1.0
 
 
 @torch.no_grad()
 def recalled(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_tokens: int = 24,
-             batch_size: int = 16, margin: float | None = None) -> list[bool]:
-    """For each probe, whether the greedy reply with memory on contains its answer (and, with
-    ``margin``, whether each of the answer's tokens won its greedy choice by at least that many nats).
+             batch_size: int = 16) -> list[bool]:
+    """For each probe, whether the greedy reply with memory on contains its answer.
 
-    The training job's stop test, run every few steps: the probes are answered in batches
-    (left-padded; a padded position hashes like the start of a sequence) with a shorter reply
-    than :func:`probe_result`'s, so a check of 24 facts costs about as much as a few training
-    steps. It errs on the side of training on: an answer past ``max_new_tokens`` is not counted.
+    The training job's stop test (with :func:`answer_margins`), run every few steps: the probes are
+    answered in batches (left-padded; a padded position hashes like the start of a sequence) with a
+    shorter reply than :func:`probe_result`'s, so a check of 24 facts costs about as much as a few
+    training steps. It errs on the side of training on: an answer past ``max_new_tokens`` is not counted.
     """
-    gaps = answer_margins(adapted, tokenizer, probes, max_new_tokens, batch_size)
-    return [gap is not None and (margin is None or gap >= margin) for gap in gaps]
+    replies = generate_batch(adapted.model, tokenizer, [probe.prompt for probe in probes], max_new_tokens, batch_size)
+    return [contains_answer(tokenizer.decode(row, skip_special_tokens=True), probe.answer)
+            for probe, row in zip(probes, replies)]
 
 
 @torch.no_grad()
 def answer_margins(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new_tokens: int = 24,
                    batch_size: int = 16) -> list[float | None]:
-    """For each probe, the smallest lead (in logits) of the chosen token over the runner-up among the
-    greedy reply's tokens that spell the answer; None when the reply does not contain the answer."""
-    scored = generate_batch_scored(adapted.model, tokenizer, [prompt_ids(tokenizer, p.prompt) for p in probes],
-                                   max_new_tokens, batch_size)
-    return [_answer_gap(tokenizer, row, gaps, probe.answer) for probe, (row, gaps) in zip(probes, scored)]
+    """For each probe, how clearly the greedy reply (as :func:`recalled` makes it) gives the answer: the
+    smallest lead of the chosen token over the runner-up among the tokens that spell the answer;
+    None when the reply does not contain the answer."""
+    scored = _generate_batch(adapted.model, tokenizer, [prompt_ids(tokenizer, p.prompt) for p in probes],
+                             max_new_tokens, batch_size, scored=True)
+    return [answer_gap(tokenizer, row, leads, probe.answer) for probe, (row, leads) in zip(probes, scored)]
 
 
-def _answer_gap(tokenizer, row: list[int], gaps: list[float], answer: str) -> float | None:
+def answer_gap(tokenizer, row: list[int], leads: Sequence[float], answer: str) -> float | None:
+    """The smallest of ``leads`` (one per token of ``row``) over the tokens that spell ``answer`` in the
+    reply ``row``; None when the reply does not contain it (:func:`contains_answer`).
+
+    The answer's span ends where the match starts to hold for good: a number matched at the end of
+    a prefix ("You have 3") can be undone by the next token ("You have 30"), so the span is the last
+    occurrence that survives to the end of the reply, and it starts at the last token it still needs.
+    """
     def says(ids) -> bool:
         return contains_answer(tokenizer.decode(ids, skip_special_tokens=True), answer)
 
-    end = next((k for k in range(1, len(row) + 1) if says(row[:k])), None)
-    if end is None:
+    if not says(row):
         return None
+    end = len(row)
+    while end > 1 and says(row[:end - 1]):
+        end -= 1
     start = next(j for j in range(end - 1, -1, -1) if says(row[j:end]))
-    return min(gaps[start:end])
+    return min(leads[start:end])
 
 
 @torch.no_grad()
@@ -212,13 +224,19 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 def generate_batch_ids(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
                        batch_size: int = 16) -> list[list[int]]:
     """:func:`generate_batch` for prompts already made into token ids (e.g. with a system message)."""
-    return [row for row, _gaps in generate_batch_scored(model, tokenizer, prompts, max_new_tokens, batch_size)]
+    return [row for row, _leads in _generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size, scored=False)]
 
 
 @torch.no_grad()
 def generate_batch_scored(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
                           batch_size: int = 16) -> list[tuple[list[int], list[float]]]:
-    """:func:`generate_batch_ids`, each reply with, per token, the lead of its logit over the runner-up's."""
+    """:func:`generate_batch_ids`, each reply with, per token, the lead of the chosen token's score over
+    the best other token's (the scores greedy decoding chose by, after the model's logits processors)."""
+    return _generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size, scored=True)
+
+
+def _generate_batch(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
+                    scored: bool) -> list[tuple[list[int], list[float]]]:
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     stop = {tokenizer.eos_token_id, pad}
@@ -232,10 +250,15 @@ def generate_batch_scored(model, tokenizer, prompts: Sequence[list[int]], max_ne
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
-        top2 = torch.stack([step.float().topk(2, dim=-1).values for step in out.logits], dim=1)  # (batch, steps, 2)
-        leads = (top2[..., 0] - top2[..., 1]).tolist()
-        for row, lead in zip(out.sequences[:, width:].tolist(), leads):
+                             do_sample=False, pad_token_id=pad, return_dict_in_generate=True, output_scores=scored)
+        rows = out.sequences[:, width:]
+        leads = [[] for _ in range(len(encoded))]
+        if scored:
+            scores = torch.stack(out.scores, dim=1).float()  # (batch, steps, vocab): what greedy chose by
+            chosen = scores.gather(2, rows[:, :, None].to(scores.device)).squeeze(2)
+            others = scores.scatter(2, rows[:, :, None].to(scores.device), float("-inf")).amax(dim=2)
+            leads = (chosen - others).tolist()
+        for row, lead in zip(rows.tolist(), leads):
             end = next((j for j, token in enumerate(row) if token in stop), len(row))
             keep = end + 1 if end < len(row) and row[end] == tokenizer.eos_token_id else end
             replies.append((row[:keep], lead[:keep]))
