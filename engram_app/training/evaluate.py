@@ -187,8 +187,8 @@ def answer_margins(adapted: Adapted, tokenizer, probes: Sequence[Probe], max_new
     """For each probe, how clearly the greedy reply (as :func:`recalled` makes it) gives the answer: the
     smallest lead of the chosen token over the runner-up among the tokens that spell the answer;
     None when the reply does not contain the answer."""
-    scored = _generate_batch(adapted.model, tokenizer, [prompt_ids(tokenizer, p.prompt) for p in probes],
-                             max_new_tokens, batch_size, scored=True)
+    scored = generate_batch_scored(adapted.model, tokenizer, [prompt_ids(tokenizer, p.prompt) for p in probes],
+                                   max_new_tokens, batch_size)
     return [answer_gap(tokenizer, row, leads, probe.answer) for probe, (row, leads) in zip(probes, scored)]
 
 
