@@ -7,14 +7,17 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   teal best." for a favourite, "Your home is in Porto.");
 - ``recall_stop(cool, consolidate)``: the job's stop test (``JobRunner._recall_check``) with the
   learning rate multiplied by ``cool`` at the first check that recalls every fact, and training
-  going on after "recalled twice in a row" until ``consolidate`` x the steps it took.
+  going on after "recalled twice in a row" until ``consolidate`` x the steps it took;
+- ``skip_template``: new packs' memories key their n-grams past the chat template's tokens
+  (``EngramConfig.skip_template``: a reply's first token keyed on the question's last words;
+  ``bench/recall.py --skip-template``, stop 29).
 """
 
 from __future__ import annotations
 
 import math
 
-from engram_app.training import runner, text
+from engram_app.training import runner, sizes, text
 from engram_app.training.evaluate import recalled
 from engram_app.training.trainer import Trainer
 
@@ -76,3 +79,15 @@ def recall_stop(cool: float = 1.0, consolidate: float = 1.0) -> None:
         return check
 
     runner.JobRunner._recall_check = recall_check
+
+
+def skip_template() -> None:
+    """New packs' memories skip the chat template's tokens in their n-grams (EngramConfig.skip_template)."""
+    preset_config = sizes.SizePreset.engram_config
+
+    def skipping(self):
+        config = preset_config(self)
+        config.skip_template = True
+        return config
+
+    sizes.SizePreset.engram_config = skipping

@@ -53,6 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import held_out_levers  # noqa: E402
 from bench.results_table import publish  # noqa: E402
 from bench.train_recall import run_job, scratch_service  # noqa: E402
 from engram_app.inference import GenerationOptions, Message  # noqa: E402
@@ -345,8 +346,12 @@ def main() -> None:
     parser.add_argument("--size", default="medium", help="pack size preset")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="write every reply, per person and probe, here")
+    parser.add_argument("--skip-template", action="store_true",
+                        help="a lever not adopted: memories whose n-grams skip the chat template's tokens")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.skip_template:
+        held_out_levers.skip_template()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -381,7 +386,7 @@ def main() -> None:
     model = records[0]["model"] if records else BUNDLED_NAME
     controls = shared.controls or []
     lines = table(args, methods, tallies, people, asked, controls, lora_r, budget, model)
-    publish(f"recall-{args.split}-{budget}-{args.source}", lines)
+    publish(f"recall-{args.split}-{budget}-{args.source}{'-skip-template' if args.skip_template else ''}", lines)
     if args.json:
         write_json(args.json, args, lines, controls, records)
 

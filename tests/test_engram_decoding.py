@@ -19,11 +19,18 @@ from tiny import tiny_family, tiny_tokenizer
 CONFIG = EngramConfig(layers=[0, 2], heads=4, rows_per_head=1009, head_dim=8)
 
 
-@pytest.fixture(scope="module")
-def memory():
-    """A tiny Llama with a memory whose zero-initialised parts were moved (as training would)."""
+SKIPPED = list(range(0, 420, 5))  # with skip_template: a fifth of the ids, so sequences hold runs of them
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "skip_template"])
+def memory(request):
+    """A tiny Llama with a memory whose zero-initialised parts were moved (as training would); once
+    plain, once with n-grams that skip some ids (as they skip the chat template's tokens)."""
     model = tiny_family("llama")
-    memory = attach_engram(model, tiny_tokenizer(), copy.deepcopy(CONFIG))
+    config = copy.deepcopy(CONFIG)
+    if request.param:
+        config.skip_template, config.template_ids = True, SKIPPED
+    memory = attach_engram(model, tiny_tokenizer(), config)
     torch.manual_seed(123)
     with torch.no_grad():
         for block in memory.blocks.values():

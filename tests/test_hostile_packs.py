@@ -53,7 +53,12 @@ def exports(tmp_path_factory, tiny_model_dir):
     source.packs_store().create("mapped", str(tiny_model_dir), size="xlarge",
                                 config=PackConfig(preset="xlarge", engram=mapped.to_dict()))
     run_inline(source, "mapped", max_steps=5, lr=3e-3, evaluate=False)
-    files = {name: source.export_pack(name, tmp / f"{name}.zip") for name in ("me", "duo", "mapped")}
+    skipping = PRESETS["small"].engram_config()
+    skipping.skip_template = True  # n-grams past the chat template: the import must keep the addressing
+    source.packs_store().create("skip", str(tiny_model_dir), size="small",
+                                config=PackConfig(preset="small", engram=skipping.to_dict()))
+    run_inline(source, "skip", max_steps=5, lr=3e-3, evaluate=False)
+    files = {name: source.export_pack(name, tmp / f"{name}.zip") for name in ("me", "duo", "mapped", "skip")}
     yield source, files
     stop_worker(source.settings.home)
 
@@ -153,7 +158,7 @@ def pack_folders(service: Service) -> list[str]:
 
 # --- what still works --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pack", ["me", "duo"])
+@pytest.mark.parametrize("pack", ["me", "duo", "skip"])
 def test_an_exported_pack_imports_into_another_data_root_and_answers_the_same(exports, target, pack):
     source, files = exports
     info = target.import_pack(files[pack], "copy")
@@ -244,6 +249,8 @@ def test_a_merely_large_rows_per_head_is_refused_before_any_table_is_allocated(e
     ({"init_std": float("nan")}, r"init_std \(nan\) is outside"),
     ({"seed": -1}, r"seed \(-1\) is outside"),
     ({"surprise": 1}, r"unknown memory config fields \['surprise'\]"),
+    ({"skip_template": "yes"}, r"skip_template \('yes'\) must be true or false"),
+    ({"skip_template": True, "template_ids": [1, -3]}, r"template_ids \(\[1, -3\]\) must be up to 1024 token ids"),
 ])
 def test_memory_dimensions_outside_the_size_preset_are_refused_with_the_field_named(exports, target, tmp_path,
                                                                                       values, reason):

@@ -86,3 +86,40 @@ def compression_for(tokenizer, fingerprint: str | None = None, strip: bool = Fal
         if key not in _cache:
             _cache[key] = build_compression(tokenizer, strip=key[1])
         return _cache[key]
+
+
+TEMPLATE_PROBE = ("Alpha", "Bravo", "Charlie", "Delta")  # message texts that locate the template around them
+
+
+def template_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's special tokens and the tokens its chat template puts around messages.
+
+    A short conversation (system, user, assistant, user, and the generation prompt) is rendered
+    with the template and tokenised with offsets; every token outside the messages' own text is the
+    template's (``<|im_start|>``, ``assistant``, the newline after it, ...). A tokenizer without a
+    chat template gives its special tokens only.
+    """
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    if not getattr(tokenizer, "chat_template", None):
+        return sorted(ids)
+    roles = ("system", "user", "assistant", "user")
+    conversation = [{"role": role, "content": text} for role, text in zip(roles, TEMPLATE_PROBE)]
+    for messages in (conversation, conversation[1:]):  # some templates refuse a system message
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            break
+        except Exception:
+            continue
+    else:
+        return sorted(ids)
+    spans, start = [], 0
+    for message in messages:
+        at = rendered.find(message["content"], start)
+        if at >= 0:
+            spans.append((at, at + len(message["content"])))
+            start = at + len(message["content"])
+    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    for token_id, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        if not any(begin < b and a < end for a, b in spans):  # overlaps no message's text
+            ids.add(int(token_id))
+    return sorted(ids)

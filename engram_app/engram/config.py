@@ -24,7 +24,7 @@ FORMAT_VERSION = 2  # 1: the pre-PEFT folder layout (io.py still reads it); 2: a
 STORAGES = ("memory", "mapped")
 TABLE_DIR = "table"  # a mapped table's rows, beside adapter_config.json
 RUNTIME_FIELDS = ("tokenizer",)  # fields that hold live objects: never saved, never compared
-OPTIONAL_FIELDS = {"compression_strip": False}  # fields saved only when they differ from this default
+OPTIONAL_FIELDS = {"compression_strip": False, "skip_template": False, "template_ids": None}  # fields saved only when they differ from this default
 
 
 @dataclass
@@ -77,6 +77,18 @@ class EngramConfig(PeftConfig):
                           "keep their addressing (saved only when on); the app's size presets turn it on for new "
                           "packs (it recalled more on the persona bench)."},
     )
+    skip_template: bool = field(
+        default=False,
+        metadata={"help": "n-grams skip the chat template's own tokens (turn markers, role names), reaching back to "
+                          "the words before them: the first token of a reply is then keyed on the last words of the "
+                          "user's message instead of on the constant assistant header. Off by default (saved only "
+                          "when on), so earlier memories keep their addressing; the app's size presets turn it on."},
+    )
+    template_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "with skip_template: the compressed ids the n-grams skip, found from the tokenizer's chat "
+                          "template when attaching (saved, so loading needs no tokenizer)."},
+    )
     format_version: int = FORMAT_VERSION
     tokenizer: Any = field(
         default=None, repr=False, compare=False,
@@ -107,6 +119,13 @@ class EngramConfig(PeftConfig):
             self.layers = sorted(set(int(x) for x in self.layers))
         if not isinstance(self.compression_strip, bool):
             raise ValueError(f"compression_strip must be true or false, not {self.compression_strip!r}")
+        if not isinstance(self.skip_template, bool):
+            raise ValueError(f"skip_template must be true or false, not {self.skip_template!r}")
+        if self.template_ids is not None:
+            if not isinstance(self.template_ids, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.template_ids):
+                raise ValueError("template_ids must be a list of non-negative token ids")
+            self.template_ids = sorted(set(self.template_ids))
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {self.storage!r}")
         # Live objects the tuner uses; attributes, not fields: never saved or compared.

@@ -132,6 +132,66 @@ def shifted_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: i
     return torch.stack([full[:, h - j: h - j + t] for j in range(max_order)], dim=-1)
 
 
+def ngram_positions(visible: torch.Tensor, start: int, max_order: int) -> torch.Tensor:
+    """Where the n-grams of positions ``start..`` of ``visible`` [B, N] (bool) take their tokens.
+
+    Returns [B, N - start, max_order] indices into the N positions: ``[..., 0]`` is the position
+    itself and ``[..., j]`` (j >= 1) the j-th visible position before it, skipping positions that
+    are not visible (-1: none is left). With every position visible this is plain shifting:
+    position p - j.
+    """
+    batch, total = visible.shape
+    index = torch.arange(total, device=visible.device).expand(batch, total)
+    last = torch.cummax(torch.where(visible, index, torch.full_like(index, -1)), dim=1).values
+    before = torch.cat([last.new_full((batch, 1), -1), last[:, :-1]], dim=1)  # last visible strictly before p
+    columns = [index[:, start:]]
+    current = index[:, start:]
+    for _ in range(1, max_order):
+        previous = before.gather(1, current.clamp(min=0))
+        current = torch.where(current >= 0, previous, torch.full_like(previous, -1))
+        columns.append(current)
+    return torch.stack(columns, dim=-1)
+
+
+def skipping_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: int, skip: torch.Tensor,
+                    marker: int) -> torch.Tensor:
+    """:func:`shifted_ngrams` where the ids in ``skip`` are transparent (``EngramConfig.skip_template``).
+
+    An n-gram reaches back over the skipped ids (the chat template's turn markers and role names)
+    to the tokens before them, so the n-grams at the assistant's turn header, and so at the first
+    token of a reply, are the last words of the user's message. A position holding a skipped id
+    takes ``marker`` as its own id (the boundary id, which no real position has), so its rows are
+    apart from those of the word before it. ``history``: the last ``max_order - 1`` ids before
+    ``compressed`` that are not skipped (boundary ids at the start).
+    """
+    full = torch.cat([history, compressed], dim=1)
+    visible = ~torch.isin(full, skip.to(full.device))
+    visible[:, : history.shape[1]] = True
+    positions = ngram_positions(visible, history.shape[1], max_order)
+    grams = full.gather(1, positions.clamp(min=0).flatten(1)).view_as(positions)
+    own = visible[:, history.shape[1]:]
+    grams[..., 0] = torch.where(own, grams[..., 0], torch.full_like(grams[..., 0], marker))
+    return grams
+
+
+def visible_tail(ids: torch.Tensor, skip: torch.Tensor, keep: int, boundary: int) -> torch.Tensor:
+    """The last ``keep`` ids of each row of ``ids`` [B, L] that are not in ``skip``, oldest first,
+    boundary ids where a row has fewer: the history a call's n-grams reach back to."""
+    batch = ids.shape[0]
+    out = torch.full((batch, keep), boundary, dtype=torch.long, device=ids.device)
+    if keep == 0 or ids.shape[1] == 0:
+        return out
+    visible = ~torch.isin(ids, skip.to(ids.device))
+    rank = visible.flip(1).long().cumsum(1)  # visible ids from the end, inclusive
+    flipped = ids.flip(1)
+    for j in range(1, keep + 1):
+        hit = visible.flip(1) & (rank == j)
+        found = hit.any(dim=1)
+        value = flipped.gather(1, hit.long().argmax(dim=1, keepdim=True)).squeeze(1)
+        out[:, keep - j] = torch.where(found, value, out[:, keep - j])
+    return out
+
+
 def hash_rows(layout: TableLayout, grams: torch.Tensor) -> torch.Tensor:
     """Global rows [B, T, num_layers, num_orders * heads] for the n-grams in ``grams`` [B, T, max_order].
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compression import compression_for, tokenizer_fingerprint
+from .compression import compression_for, template_token_ids, tokenizer_fingerprint
 from .config import EngramConfig
-from .hashing import TableLayout, build_layout, hash_rows, shifted_ngrams
+from .hashing import TableLayout, build_layout, hash_rows, shifted_ngrams, skipping_ngrams, visible_tail
 from .layer import EngramBlock
 from .storage import EmbeddingTable, MappedTable, PrefetchedRows, TableStorage
 
@@ -299,6 +299,20 @@ class EngramModel(nn.Module):
             compression = torch.cat([compression, extra])
         self.boundary_id = int(compression.max()) + 1
         self.register_buffer("compression", compression, persistent=False)
+        # The chat template's tokens, which n-grams skip (config.skip_template); None: nothing is skipped.
+        self.skip_ids: torch.Tensor | None = None
+        self._skip_set: frozenset[int] = frozenset()
+        if config.skip_template:
+            if config.template_ids is None:
+                if tokenizer is None:
+                    raise EngramAttachError("A memory that skips the chat template needs the tokenizer, or its "
+                                            "template_ids.")
+                config.template_ids = sorted({int(compression[i]) for i in template_token_ids(tokenizer)
+                                              if i < len(compression)})
+            if any(i > int(compression.max()) for i in config.template_ids):
+                raise EngramAttachError("The memory's template_ids are not ids of its token map.")
+            self.skip_ids = torch.tensor(config.template_ids, dtype=torch.long)
+            self._skip_set = frozenset(config.template_ids)
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
         # The layout as Python integers, for the addressing of a single decoding step (_address_step).
         self._step_layout = (self.layout.multipliers.tolist(), self.layout.primes.tolist(),
@@ -356,9 +370,14 @@ class EngramModel(nn.Module):
         compressed = torch.where(mask, compression[input_ids], torch.full_like(input_ids, self.boundary_id))
         keep = self.config.max_order - 1  # ids before this call that its n-grams reach
         history = torch.full((batch, keep), self.boundary_id, dtype=torch.long, device=device)
-        if state is not None and keep:
-            history = torch.cat([history, state.ids[:, -keep:].to(device)], dim=1)[:, -keep:]
-        grams = shifted_ngrams(compressed, history, self.config.max_order)
+        if self.skip_ids is not None:
+            if state is not None:
+                history = visible_tail(state.ids.to(device), self.skip_ids, keep, self.boundary_id)
+            grams = skipping_ngrams(compressed, history, self.config.max_order, self.skip_ids, self.boundary_id)
+        else:
+            if state is not None and keep:
+                history = torch.cat([history, state.ids[:, -keep:].to(device)], dim=1)[:, -keep:]
+            grams = shifted_ngrams(compressed, history, self.config.max_order)
         rows = hash_rows(self.layout, grams)
         return _Call(rows=rows, mask=mask, state=state, compressed=compressed)
 
@@ -374,8 +393,9 @@ class EngramModel(nn.Module):
         keep = self.config.max_order - 1
         history = [self.boundary_id] * keep
         if state is not None and keep:
-            history = (history + state.ids[0, -keep:].tolist())[-keep:]
-        grams = [token, *reversed(history)]  # grams[j]: the token j positions back
+            history = (history + self._step_history(state.ids[0], keep))[-keep:]
+        own = self.boundary_id if token in self._skip_set else token  # a skipped id keys as the marker
+        grams = [own, *reversed(history)]  # grams[j]: the token j positions back
         rows = []
         for multipliers, primes, offsets in zip(*self._step_layout):
             products = [g * m for g, m in zip(grams, multipliers)]
@@ -391,6 +411,19 @@ class EngramModel(nn.Module):
         device = input_ids.device
         return _Call(rows=torch.tensor([[rows]], dtype=torch.long, device=device), mask=None, state=state,
                      compressed=torch.tensor([[token]], dtype=torch.long, device=device))
+
+    def _step_history(self, ids: torch.Tensor, keep: int) -> list[int]:
+        """The last ``keep`` (or fewer) ids of one sequence's state [L] that its n-grams reach: the last
+        ids, or with skip_template the last ones not skipped (read a few positions at a time)."""
+        if not self._skip_set:
+            return ids[-keep:].tolist()
+        found: list[int] = []
+        end = ids.shape[0]
+        while end > 0 and len(found) < keep:
+            window = ids[max(0, end - 16): end].tolist()
+            found = [i for i in window if i not in self._skip_set][-(keep - len(found)):] + found
+            end -= len(window)
+        return found[-keep:]
 
     def _start_prefetch(self, rows: torch.Tensor, earlier: dict[int, PrefetchedRows]) -> dict[int, PrefetchedRows]:
         """Per layer, the fetch of its rows (of ``rows`` [B, T, L, R]): one of ``earlier`` if it asked for

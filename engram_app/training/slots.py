@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from engram_app.engram import EngramModel, rows_for, shifted_ngrams
+from engram_app.engram.hashing import ngram_positions, skipping_ngrams
 
 NO_CHUNK = -1  # the chunk of an entry is not known (an index of an earlier version, or an example of no chunk)
 COMMON = ("grams", "text_ids", "rows")
@@ -70,8 +71,18 @@ class SlotIndexBuilder:
         tokens = torch.tensor([ids], dtype=torch.long)
         compressed = self.memory.compression.cpu()[tokens]
         history = torch.full((1, m - 1), self.memory.boundary_id, dtype=torch.long)
-        grams = shifted_ngrams(compressed, history, m)[0].numpy()  # [T, m], most recent first
-        text = shifted_ngrams(tokens, torch.full((1, m - 1), -1, dtype=torch.long), m)[0].numpy()
+        skip = self.memory.skip_ids
+        if skip is None:
+            grams = shifted_ngrams(compressed, history, m)[0].numpy()  # [T, m], most recent first
+            text = shifted_ngrams(tokens, torch.full((1, m - 1), -1, dtype=torch.long), m)[0].numpy()
+        else:  # the n-grams reach over the chat template's tokens (EngramConfig.skip_template)
+            boundary = self.memory.boundary_id
+            grams = skipping_ngrams(compressed, history, m, skip, boundary)[0].numpy()
+            visible = ~torch.isin(torch.cat([history, compressed], dim=1), skip)
+            visible[:, : m - 1] = True
+            positions = ngram_positions(visible, m - 1, m)[0]  # the tokens shown are those the n-gram keys on
+            full = torch.cat([torch.full((m - 1,), -1, dtype=torch.long), tokens[0]])
+            text = torch.where(positions >= 0, full[positions.clamp(min=0)], torch.full_like(positions, -1)).numpy()
         chunk = NO_CHUNK if chunk_id is None else chunk_id
         for n in self.memory.config.orders:
             key = np.full((len(ids), 1 + m), -1, dtype=np.int64)

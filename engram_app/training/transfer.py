@@ -59,6 +59,7 @@ import torch
 from engram_app.atomic import new_file
 from engram_app.engram import DEFAULT_TARGETS, MAPPED_FORMAT, MAPPED_VERSION, STORAGES, EngramBlock, EngramConfig
 from engram_app.engram import FORMAT_VERSION as ENGRAM_FORMAT_VERSION
+from engram_app.engram.config import OPTIONAL_FIELDS
 from engram_app.engram import base_fingerprint, build_layout, find_decoder_layers, tokenizer_fingerprint
 from engram_app.errors import EngramError
 from engram_app.models import BUNDLED_NAME, HUB_ID, load_base_model, resolve_model
@@ -83,6 +84,8 @@ MAX_ENGRAM_LAYERS = 2  # the paper splits a memory over two blocks at most
 MAX_BLOCK_INDEX = 1023
 MAX_SEED = 2**32 - 1
 MAX_LR_SCALE = 100.0
+MAX_TEMPLATE_IDS = 1024  # a chat template's own tokens: a few dozen at most in any template seen
+MAX_TOKEN_ID = 2**31 - 1
 
 MANIFEST = "pack.json"
 ENGRAM_CONFIG = "adapter/adapter_config.json"
@@ -416,7 +419,7 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
     if not isinstance(raw, dict):
         raise pack.refuse(f"{where} has no memory config.")
     ref = preset.engram_config()
-    known = set(ref.to_dict())
+    known = set(ref.to_dict()) | set(OPTIONAL_FIELDS)
     if not set(raw) <= known:
         raise pack.refuse(f"{where}: unknown memory config fields {sorted(set(raw) - known)[:3]}.")
 
@@ -449,6 +452,14 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
     strip = raw.get("compression_strip", False)  # absent in packs made before stripping was the default
     if not isinstance(strip, bool):
         raise pack.refuse(f"the memory's compression_strip ({_show(strip)}) must be true or false: refused.")
+    skip = raw.get("skip_template", False)  # absent in packs made before n-grams skipped the chat template
+    if not isinstance(skip, bool):
+        raise pack.refuse(f"the memory's skip_template ({_show(skip)}) must be true or false: refused.")
+    template_ids = raw.get("template_ids")  # checked against the token map when the memory is attached
+    if template_ids is not None and (not isinstance(template_ids, list) or len(template_ids) > MAX_TEMPLATE_IDS
+                                     or not all(_is_int(i) and 0 <= i <= MAX_TOKEN_ID for i in template_ids)):
+        raise pack.refuse(f"the memory's template_ids ({_show(template_ids)}) must be up to {MAX_TEMPLATE_IDS} "
+                          "token ids: refused.")
     version = raw.get("format_version", ENGRAM_FORMAT_VERSION)
     if not _is_int(version) or not 1 <= version <= ENGRAM_FORMAT_VERSION:
         raise pack.refuse(f"the memory's format ({_show(version)}) is not one this version reads "
@@ -459,7 +470,7 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
         kernel_size=bounded("kernel_size", 1, ref.kernel_size), use_conv=use_conv,
         init_std=float(bounded("init_std", 0, 1, integer=False)), seed=bounded("seed", 0, MAX_SEED),
         table_lr_scale=float(bounded("table_lr_scale", 1e-6, MAX_LR_SCALE, integer=False)), storage=storage,
-        compression_strip=strip)
+        compression_strip=strip, skip_template=skip, template_ids=template_ids if skip else None)
     rows = len(layers or [1]) * len(config.orders) * config.heads * config.rows_per_head
     if rows > preset.rows(1):
         raise pack.refuse(f"the memory's table ({rows:,} rows) is larger than the {preset.name} size's "
@@ -622,6 +633,8 @@ def _check_engram_meta(pack: PackFile, meta, config: PackConfig, layers: list[in
     ours = config.engram_config().to_dict()
     theirs["layers"] = theirs["layers"] if theirs["layers"] is not None else layers
     ours["layers"] = layers
+    for derived in (theirs, ours):  # found from the tokenizer when the memory is attached, whether saved or not
+        derived.pop("template_ids", None)
     if theirs != ours:
         differ = sorted(k for k in ours if ours[k] != theirs.get(k))
         raise pack.refuse(f"its adapter's memory config differs from {MANIFEST} ({', '.join(differ)}): refused.")
