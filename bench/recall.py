@@ -346,6 +346,8 @@ def main() -> None:
     parser.add_argument("--size", default="medium", help="pack size preset")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="write every reply, per person and probe, here")
+    parser.add_argument("--anchors", type=float, default=TrainOptions.anchors,
+                        help="anchor examples (the base model's own replies) per new example, at most 16")
     parser.add_argument("--skip-template", action="store_true",
                         help="a lever not adopted: memories whose n-grams skip the chat template's tokens")
     args = parser.parse_args()
@@ -358,10 +360,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
     if args.steps is not None:
-        options = TrainOptions(max_steps=args.steps, evaluate=True)
+        options = TrainOptions(max_steps=args.steps, evaluate=True, anchors=args.anchors)
         budget = f"steps{args.steps}"
     else:
-        options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True)
+        options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True, anchors=args.anchors)
         budget = args.budget
 
     everyone = read_people(args.data, args.people)
@@ -386,7 +388,9 @@ def main() -> None:
     model = records[0]["model"] if records else BUNDLED_NAME
     controls = shared.controls or []
     lines = table(args, methods, tallies, people, asked, controls, lora_r, budget, model)
-    publish(f"recall-{args.split}-{budget}-{args.source}{'-skip-template' if args.skip_template else ''}", lines)
+    levers = ("-skip-template" if args.skip_template else "") + \
+        (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
+    publish(f"recall-{args.split}-{budget}-{args.source}{levers}", lines)
     if args.json:
         write_json(args.json, args, lines, controls, records)
 
