@@ -30,12 +30,12 @@ def tokenizer():
 
 
 def reference_grams(sequence: list[int], skip: set[int], order: int) -> list[list[int]]:
-    """Per position: its own id (BOUNDARY if skipped), then the ids before it with the skipped ones
-    dropped (BOUNDARY before the start), most recent first: the definition, by plain lists."""
+    """Per position: its own id, then the ids before it with the skipped ones dropped (BOUNDARY
+    before the start), most recent first: the definition, by plain lists."""
     out = []
     for t, token in enumerate(sequence):
         kept = [BOUNDARY] * order + [i for i in sequence[:t] if i not in skip]
-        out.append([BOUNDARY if token in skip else token, *reversed(kept[-(order - 1):])])
+        out.append([token, *reversed(kept[-(order - 1):])])
     return out
 
 
@@ -45,7 +45,7 @@ def test_skipping_ngrams_reach_over_the_skipped_ids_to_the_tokens_before_them():
     for _ in range(50):
         sequence = [rng.choice([3, 4, 5, 10, 11, 12, 13]) for _ in range(rng.randint(1, 20))]
         history = torch.full((1, 2), BOUNDARY)
-        grams = skipping_ngrams(torch.tensor([sequence]), history, 3, torch.tensor(sorted(skip)), BOUNDARY)
+        grams = skipping_ngrams(torch.tensor([sequence]), history, 3, torch.tensor(sorted(skip)))
         assert grams[0].tolist() == reference_grams(sequence, skip, 3)
 
 
@@ -53,20 +53,21 @@ def test_a_sequence_split_over_two_calls_keys_as_one_call_does():
     """The second call's history is the last ids of the first that were not skipped (a KV cache's state)."""
     rng = random.Random(1)
     skip = torch.tensor([3, 4, 5])
-    for _ in range(50):
-        sequence = torch.tensor([[rng.choice([3, 4, 5, 10, 11, 12]) for _ in range(rng.randint(2, 16))]])
+    for _ in range(80):  # up to 60 ids: runs of skipped ids longer than the tail's first window (16)
+        sequence = torch.tensor([[rng.choice([3, 4, 5, 10] if rng.random() < 0.5 else [3, 4, 5, 3, 4, 5, 3, 11])
+                                  for _ in range(rng.randint(2, 60))]])
         cut = rng.randint(1, sequence.shape[1] - 1)
         start = torch.full((1, 2), BOUNDARY)
-        whole = skipping_ngrams(sequence, start, 3, skip, BOUNDARY)
+        whole = skipping_ngrams(sequence, start, 3, skip)
         history = visible_tail(sequence[:, :cut], skip, 2, BOUNDARY)
-        second = skipping_ngrams(sequence[:, cut:], history, 3, skip, BOUNDARY)
+        second = skipping_ngrams(sequence[:, cut:], history, 3, skip)
         assert torch.equal(second, whole[:, cut:])
 
 
 def test_with_nothing_skipped_the_ngrams_are_the_plain_shifted_ones():
     sequence = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(2))
     history = torch.full((3, 2), BOUNDARY)
-    assert torch.equal(skipping_ngrams(sequence, history, 3, torch.tensor([], dtype=torch.long), BOUNDARY),
+    assert torch.equal(skipping_ngrams(sequence, history, 3, torch.tensor([], dtype=torch.long)),
                        shifted_ngrams(sequence, history, 3))
 
 
@@ -121,3 +122,30 @@ def test_a_default_config_saves_no_skip_fields():
 def test_a_malformed_skip_setting_is_refused(bad):
     with pytest.raises(ValueError, match="skip_template|template_ids"):
         EngramConfig(**bad)
+
+
+def test_a_documents_words_that_compress_with_the_templates_are_not_skipped(tokenizer):
+    """The template's tokens get canonical ids of their own: " user" in a document keeps its id and
+    stays in the n-grams, though compression would merge it with the template's "user"."""
+    memory = attach_engram(tiny_family("llama", seed=0), tokenizer,
+                           EngramConfig(skip_template=True, compression_strip=True, **SMALL))
+    plain = attach_engram(tiny_family("llama", seed=0), tokenizer, EngramConfig(compression_strip=True, **SMALL))
+    template = set(memory.config.template_ids)
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in template
+    classes = {int(plain.compression[t]) for t in template}
+    merged = [i for i in range(len(tokenizer)) if i not in template and int(plain.compression[i]) in classes]
+    assert merged  # tokens compression merges with a template token (whitespace runs, " user", ...)
+    assert not set(memory.compression[merged].tolist()) & set(memory.skip_ids.tolist())
+    assert torch.equal(memory.compression[merged], plain.compression[merged])  # their ids are unchanged
+
+
+def test_left_padding_and_one_token_steps_key_as_one_unpadded_call(tokenizer):
+    memory = attach_engram(tiny_family("llama", seed=0), tokenizer, EngramConfig(skip_template=True, **SMALL))
+    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": "what is the dog called?"}])])
+    whole = memory._address(ids, None, None).rows
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    assert torch.equal(memory._address(padded, mask, None).rows[:, 5:], whole)
+    with torch.no_grad():
+        cache = memory.base_model(ids[:, :-1], use_cache=True).past_key_values
+    assert torch.equal(memory._address(ids[:, -1:], None, cache).rows, whole[:, -1:])  # the step fast path

@@ -118,7 +118,10 @@ def template_token_ids(tokenizer) -> list[int]:
         if at >= 0:
             spans.append((at, at + len(message["content"])))
             start = at + len(message["content"])
-    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets
+        return sorted(ids)
     for token_id, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
         if not any(begin < b and a < end for a, b in spans):  # overlaps no message's text
             ids.add(int(token_id))

@@ -82,12 +82,13 @@ class EngramConfig(PeftConfig):
         metadata={"help": "n-grams skip the chat template's own tokens (turn markers, role names), reaching back to "
                           "the words before them: the first token of a reply is then keyed on the last words of the "
                           "user's message instead of on the constant assistant header. Off by default (saved only "
-                          "when on), so earlier memories keep their addressing; the app's size presets turn it on."},
+                          "when on), so earlier memories keep their addressing; the size presets leave it off "
+                          "(docs/BENCHMARKS.md, stop 29)."},
     )
     template_ids: list[int] | None = field(
         default=None,
-        metadata={"help": "with skip_template: the compressed ids the n-grams skip, found from the tokenizer's chat "
-                          "template when attaching (saved, so loading needs no tokenizer)."},
+        metadata={"help": "with skip_template: the token ids the n-grams skip, each given a canonical id of its "
+                          "own; found from the tokenizer's chat template when attaching (None), and saved."},
     )
     format_version: int = FORMAT_VERSION
     tokenizer: Any = field(

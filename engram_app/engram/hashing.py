@@ -153,42 +153,45 @@ def ngram_positions(visible: torch.Tensor, start: int, max_order: int) -> torch.
     return torch.stack(columns, dim=-1)
 
 
-def skipping_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: int, skip: torch.Tensor,
-                    marker: int) -> torch.Tensor:
+def skipping_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: int, skip: torch.Tensor) -> torch.Tensor:
     """:func:`shifted_ngrams` where the ids in ``skip`` are transparent (``EngramConfig.skip_template``).
 
-    An n-gram reaches back over the skipped ids (the chat template's turn markers and role names)
-    to the tokens before them, so the n-grams at the assistant's turn header, and so at the first
-    token of a reply, are the last words of the user's message. A position holding a skipped id
-    takes ``marker`` as its own id (the boundary id, which no real position has), so its rows are
-    apart from those of the word before it. ``history``: the last ``max_order - 1`` ids before
-    ``compressed`` that are not skipped (boundary ids at the start).
+    An n-gram reaches back over the skipped ids (the chat template's turn markers and role names,
+    which the memory's token map holds apart from every other token) to the tokens before them, so
+    the n-grams at the assistant's turn header, and so at the first token of a reply, end with the
+    last words of the user's message. A position holding a skipped id keeps it as its own id: the
+    header's positions key apart from the word before them and from each other. ``history``: the
+    last ``max_order - 1`` ids before ``compressed`` that are not skipped (boundary ids at the start).
     """
     full = torch.cat([history, compressed], dim=1)
     visible = ~torch.isin(full, skip.to(full.device))
     visible[:, : history.shape[1]] = True
     positions = ngram_positions(visible, history.shape[1], max_order)
-    grams = full.gather(1, positions.clamp(min=0).flatten(1)).view_as(positions)
-    own = visible[:, history.shape[1]:]
-    grams[..., 0] = torch.where(own, grams[..., 0], torch.full_like(grams[..., 0], marker))
-    return grams
+    return full.gather(1, positions.clamp(min=0).flatten(1)).view_as(positions)
 
 
 def visible_tail(ids: torch.Tensor, skip: torch.Tensor, keep: int, boundary: int) -> torch.Tensor:
     """The last ``keep`` ids of each row of ``ids`` [B, L] that are not in ``skip``, oldest first,
-    boundary ids where a row has fewer: the history a call's n-grams reach back to."""
-    batch = ids.shape[0]
+    boundary ids where a row has fewer: the history a call's n-grams reach back to. Reads the last
+    positions only (a window doubled until every row has ``keep``), so a decoding step costs the
+    same at any length."""
+    batch, length = ids.shape
     out = torch.full((batch, keep), boundary, dtype=torch.long, device=ids.device)
-    if keep == 0 or ids.shape[1] == 0:
+    if keep == 0 or length == 0:
         return out
-    visible = ~torch.isin(ids, skip.to(ids.device))
-    rank = visible.flip(1).long().cumsum(1)  # visible ids from the end, inclusive
-    flipped = ids.flip(1)
+    skip = skip.to(ids.device)
+    window = 16
+    while True:
+        tail = ids[:, -window:].flip(1)  # the most recent first
+        visible = ~torch.isin(tail, skip)
+        rank = visible.long().cumsum(1)  # visible ids among the most recent, inclusive
+        if window >= length or bool((rank[:, -1] >= keep).all()):
+            break
+        window *= 2
     for j in range(1, keep + 1):
-        hit = visible.flip(1) & (rank == j)
-        found = hit.any(dim=1)
-        value = flipped.gather(1, hit.long().argmax(dim=1, keepdim=True)).squeeze(1)
-        out[:, keep - j] = torch.where(found, value, out[:, keep - j])
+        hit = visible & (rank == j)
+        value = tail.gather(1, hit.long().argmax(dim=1, keepdim=True)).squeeze(1)
+        out[:, keep - j] = torch.where(hit.any(dim=1), value, out[:, keep - j])
     return out
 
 

@@ -297,22 +297,14 @@ class EngramModel(nn.Module):
                 raise EngramAttachError(f"The tokenizer has {len(compression)} tokens but the model only {vocab}.")
             extra = torch.arange(vocab - len(compression)) + int(compression.max()) + 1
             compression = torch.cat([compression, extra])
+            if config.skip_template:
+                compression = self._template_apart(compression, tokenizer, config)
+        skipped = self._skipped_ids(compression, config) if config.skip_template else None
         self.boundary_id = int(compression.max()) + 1
         self.register_buffer("compression", compression, persistent=False)
         # The chat template's tokens, which n-grams skip (config.skip_template); None: nothing is skipped.
-        self.skip_ids: torch.Tensor | None = None
-        self._skip_set: frozenset[int] = frozenset()
-        if config.skip_template:
-            if config.template_ids is None:
-                if tokenizer is None:
-                    raise EngramAttachError("A memory that skips the chat template needs the tokenizer, or its "
-                                            "template_ids.")
-                config.template_ids = sorted({int(compression[i]) for i in template_token_ids(tokenizer)
-                                              if i < len(compression)})
-            if any(i > int(compression.max()) for i in config.template_ids):
-                raise EngramAttachError("The memory's template_ids are not ids of its token map.")
-            self.skip_ids = torch.tensor(config.template_ids, dtype=torch.long)
-            self._skip_set = frozenset(config.template_ids)
+        self.register_buffer("skip_ids", skipped, persistent=False)
+        self._skip_set: frozenset[int] = frozenset(skipped.tolist()) if skipped is not None else frozenset()
         self.layout: TableLayout = build_layout(config, self.layer_ids, self.boundary_id + 1)
         # The layout as Python integers, for the addressing of a single decoding step (_address_step).
         self._step_layout = (self.layout.multipliers.tolist(), self.layout.primes.tolist(),
@@ -341,6 +333,37 @@ class EngramModel(nn.Module):
         for layer in self.layer_ids:
             self._handles.append(blocks[layer].register_forward_pre_hook(self._make_block_hook(layer), with_kwargs=True))
         self.to(next(base_model.parameters()).device)
+
+    @staticmethod
+    def _template_apart(compression: torch.Tensor, tokenizer, config: EngramConfig) -> torch.Tensor:
+        """The token map with each of the chat template's tokens (``config.template_ids``, token ids;
+        found from the tokenizer when None) given a canonical id of its own, after all the others: so
+        skipping them skips the template's "user" and newline, not every " user" or whitespace run of
+        a document that compression merged with them."""
+        if config.template_ids is None:
+            if tokenizer is None:
+                raise EngramAttachError("A memory that skips the chat template needs the tokenizer, or its "
+                                        "template_ids.")
+            config.template_ids = template_token_ids(tokenizer)
+        if any(i >= len(compression) for i in config.template_ids):
+            raise EngramAttachError(f"The memory's template_ids are not all token ids of this model (0..{len(compression) - 1}).")
+        compression = compression.clone()
+        first = int(compression.max()) + 1
+        for k, token_id in enumerate(config.template_ids):
+            compression[token_id] = first + k
+        return compression
+
+    @staticmethod
+    def _skipped_ids(compression: torch.Tensor, config: EngramConfig) -> torch.Tensor:
+        """The canonical ids of the template's tokens in ``compression``, which must hold each apart."""
+        if config.template_ids is None or any(i >= len(compression) for i in config.template_ids):
+            raise EngramAttachError("The memory skips the chat template but names no template_ids of this model.")
+        skipped = compression[torch.tensor(config.template_ids, dtype=torch.long)]
+        counts = torch.bincount(compression)
+        if bool((counts[skipped] != 1).any()):
+            raise EngramAttachError("The memory's token map does not hold the chat template's tokens apart: attach "
+                                    "it with the tokenizer.")
+        return skipped
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -373,7 +396,7 @@ class EngramModel(nn.Module):
         if self.skip_ids is not None:
             if state is not None:
                 history = visible_tail(state.ids.to(device), self.skip_ids, keep, self.boundary_id)
-            grams = skipping_ngrams(compressed, history, self.config.max_order, self.skip_ids, self.boundary_id)
+            grams = skipping_ngrams(compressed, history, self.config.max_order, self.skip_ids)
         else:
             if state is not None and keep:
                 history = torch.cat([history, state.ids[:, -keep:].to(device)], dim=1)[:, -keep:]
@@ -394,8 +417,7 @@ class EngramModel(nn.Module):
         history = [self.boundary_id] * keep
         if state is not None and keep:
             history = (history + self._step_history(state.ids[0], keep))[-keep:]
-        own = self.boundary_id if token in self._skip_set else token  # a skipped id keys as the marker
-        grams = [own, *reversed(history)]  # grams[j]: the token j positions back
+        grams = [token, *reversed(history)]  # grams[j]: the token j positions back
         rows = []
         for multipliers, primes, offsets in zip(*self._step_layout):
             products = [g * m for g, m in zip(grams, multipliers)]

@@ -71,13 +71,12 @@ class SlotIndexBuilder:
         tokens = torch.tensor([ids], dtype=torch.long)
         compressed = self.memory.compression.cpu()[tokens]
         history = torch.full((1, m - 1), self.memory.boundary_id, dtype=torch.long)
-        skip = self.memory.skip_ids
+        skip = None if self.memory.skip_ids is None else self.memory.skip_ids.cpu()
         if skip is None:
             grams = shifted_ngrams(compressed, history, m)[0].numpy()  # [T, m], most recent first
             text = shifted_ngrams(tokens, torch.full((1, m - 1), -1, dtype=torch.long), m)[0].numpy()
         else:  # the n-grams reach over the chat template's tokens (EngramConfig.skip_template)
-            boundary = self.memory.boundary_id
-            grams = skipping_ngrams(compressed, history, m, skip, boundary)[0].numpy()
+            grams = skipping_ngrams(compressed, history, m, skip)[0].numpy()
             visible = ~torch.isin(torch.cat([history, compressed], dim=1), skip)
             visible[:, : m - 1] = True
             positions = ngram_positions(visible, m - 1, m)[0]  # the tokens shown are those the n-gram keys on
