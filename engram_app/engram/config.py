@@ -24,7 +24,8 @@ FORMAT_VERSION = 2  # 1: the pre-PEFT folder layout (io.py still reads it); 2: a
 STORAGES = ("memory", "mapped")
 TABLE_DIR = "table"  # a mapped table's rows, beside adapter_config.json
 RUNTIME_FIELDS = ("tokenizer",)  # fields that hold live objects: never saved, never compared
-OPTIONAL_FIELDS = {"compression_strip": False, "skip_template": False, "template_ids": None}  # fields saved only when they differ from this default
+# Fields saved only when they differ from this default.
+OPTIONAL_FIELDS = {"compression_strip": False, "skip_template": False, "template_ids": None}
 
 
 @dataclass

@@ -164,10 +164,18 @@ def skipping_ngrams(compressed: torch.Tensor, history: torch.Tensor, max_order: 
     last ``max_order - 1`` ids before ``compressed`` that are not skipped (boundary ids at the start).
     """
     full = torch.cat([history, compressed], dim=1)
+    positions = skipping_positions(full, history.shape[1], max_order, skip)
+    return full.gather(1, positions.flatten(1)).view_as(positions)
+
+
+def skipping_positions(full: torch.Tensor, start: int, max_order: int, skip: torch.Tensor) -> torch.Tensor:
+    """Where :func:`skipping_ngrams` takes the ids of positions ``start..`` of ``full`` [B, N]
+    (``start`` history ids, never skipped, then the call's ids): [B, N - start, max_order] indices
+    into ``full``, so other per-position values (the original tokens, for display) can be gathered
+    the same way."""
     visible = ~torch.isin(full, skip.to(full.device))
-    visible[:, : history.shape[1]] = True
-    positions = ngram_positions(visible, history.shape[1], max_order)
-    return full.gather(1, positions.clamp(min=0).flatten(1)).view_as(positions)
+    visible[:, :start] = True
+    return ngram_positions(visible, start, max_order).clamp(min=0)  # the history always holds enough
 
 
 def visible_tail(ids: torch.Tensor, skip: torch.Tensor, keep: int, boundary: int) -> torch.Tensor:

@@ -346,7 +346,8 @@ class EngramModel(nn.Module):
                                         "template_ids.")
             config.template_ids = template_token_ids(tokenizer)
         if any(i >= len(compression) for i in config.template_ids):
-            raise EngramAttachError(f"The memory's template_ids are not all token ids of this model (0..{len(compression) - 1}).")
+            raise EngramAttachError("The memory's template_ids are not all token ids of this model "
+                                    f"(0..{len(compression) - 1}).")
         compression = compression.clone()
         first = int(compression.max()) + 1
         for k, token_id in enumerate(config.template_ids):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from engram_app.engram import EngramModel, rows_for, shifted_ngrams
-from engram_app.engram.hashing import ngram_positions, skipping_ngrams
+from engram_app.engram.hashing import skipping_positions
 
 NO_CHUNK = -1  # the chunk of an entry is not known (an index of an earlier version, or an example of no chunk)
 COMMON = ("grams", "text_ids", "rows")
@@ -71,17 +71,14 @@ class SlotIndexBuilder:
         tokens = torch.tensor([ids], dtype=torch.long)
         compressed = self.memory.compression.cpu()[tokens]
         history = torch.full((1, m - 1), self.memory.boundary_id, dtype=torch.long)
-        skip = None if self.memory.skip_ids is None else self.memory.skip_ids.cpu()
-        if skip is None:
+        if self.memory.skip_ids is None:
             grams = shifted_ngrams(compressed, history, m)[0].numpy()  # [T, m], most recent first
             text = shifted_ngrams(tokens, torch.full((1, m - 1), -1, dtype=torch.long), m)[0].numpy()
         else:  # the n-grams reach over the chat template's tokens (EngramConfig.skip_template)
-            grams = skipping_ngrams(compressed, history, m, skip)[0].numpy()
-            visible = ~torch.isin(torch.cat([history, compressed], dim=1), skip)
-            visible[:, : m - 1] = True
-            positions = ngram_positions(visible, m - 1, m)[0]  # the tokens shown are those the n-gram keys on
-            full = torch.cat([torch.full((m - 1,), -1, dtype=torch.long), tokens[0]])
-            text = torch.where(positions >= 0, full[positions.clamp(min=0)], torch.full_like(positions, -1)).numpy()
+            full = torch.cat([history, compressed], dim=1)
+            positions = skipping_positions(full, m - 1, m, self.memory.skip_ids.cpu())[0]  # [T, m]
+            grams = full[0][positions].numpy()
+            text = torch.cat([torch.full((m - 1,), -1, dtype=torch.long), tokens[0]])[positions].numpy()
         chunk = NO_CHUNK if chunk_id is None else chunk_id
         for n in self.memory.config.orders:
             key = np.full((len(ids), 1 + m), -1, dtype=np.int64)

@@ -59,8 +59,8 @@ import torch
 from engram_app.atomic import new_file
 from engram_app.engram import DEFAULT_TARGETS, MAPPED_FORMAT, MAPPED_VERSION, STORAGES, EngramBlock, EngramConfig
 from engram_app.engram import FORMAT_VERSION as ENGRAM_FORMAT_VERSION
-from engram_app.engram.config import OPTIONAL_FIELDS
 from engram_app.engram import base_fingerprint, build_layout, find_decoder_layers, tokenizer_fingerprint
+from engram_app.engram.config import OPTIONAL_FIELDS
 from engram_app.errors import EngramError
 from engram_app.models import BUNDLED_NAME, HUB_ID, load_base_model, resolve_model
 from engram_app.settings import Settings, resolve_device
