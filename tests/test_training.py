@@ -172,6 +172,26 @@ def test_the_users_own_first_person_facts_in_a_chat_become_facts():
     assert chat_statements(turns) == ["I have a German Shepherd named Barnaby.", "I like action movies!"]
 
 
+def test_a_chat_sentence_is_cut_at_its_clauses_before_its_facts_are_taken():
+    said = {
+        # A question after a comma is dropped, the statement before it kept.
+        "I'm from Ohio, how about you?": ["I'm from Ohio."],
+        # Two facts in one sentence, with "I" said once or twice.
+        "Yeah, I have a pet cow and drive a big truck.": ["I have a pet cow.", "I drive a big truck."],
+        "I have three Arabians and I love them to death.": ["I have three Arabians."],  # "them": nothing said
+        "I like all kinds of music, but my favorite band is Queen.": ["I like all kinds of music.",
+                                                                     "My favorite band is Queen."],
+        "I also like to watch the olympics.": ["I like to watch the olympics."],
+        "I have one older sister.": ["I have one older sister."],  # a count is not vague
+        'I love "Toxic."': ['I love "Toxic."'],  # a whole sentence is kept as it was written
+        "I like that one.": [],
+        "I live in Leeds, and we love it.": [],  # "we": not the user's alone
+    }
+    for sentence, statements in said.items():
+        assert chat_statements([("Sam", sentence)]) == statements, sentence
+    assert fact_questions("I have one older sister.")[0][2] == "one"
+
+
 def test_chat_loss_covers_the_turns_and_not_the_template_preamble():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = ("<|system|>You are helpful.\n{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"

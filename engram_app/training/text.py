@@ -252,26 +252,59 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NOT_ABOUT_THE_USER = re.compile(r"\b(?:you|your|yours|we|us|our)\b|\?", re.I)
 _VAGUE = {"that", "this", "it", "those", "these", "them", "one", "too", "so", "much", "all", "things", "stuff", "lot",
           "a", "the", "to", "very", "really", "of", "fun", "good", "great", "about", "play", "do", "go"}
+_POINTING = {"it", "them", "him", "her", "they", "there"}  # "I love them to death." says nothing
+# Where one sentence of a chat holds two clauses: "..., but my favourite is X", "...; ...", "... and I
+# love them", and a question after a comma ("I'm George, what's your name?"), whose clause is then
+# dropped as any question is, keeping the statement before it.
+_CLAUSE_BREAK = re.compile(
+    r",?\s+but\s+|;\s*|,?\s+and\s+(?=(?:i|i'm|i've|my)\b)"
+    r"|,\s*(?=(?:what|what's|how|where|who|when|why|which|do|does|did|are|is|have|can|could|would|will)\b)",
+    re.I)
+# "I have a pet cow and drive a big truck.": the verb after "and" shares the clause's "I".
+_SHARED_SUBJECT = re.compile(
+    r",?\s+and\s+(?=(?:like|love|enjoy|hate|play|drive|speak|own|study|collect|live|work|have|grew)\b)", re.I)
+_TOO = re.compile(r",?\s+(?:too|as well)(?=[.!]*$)", re.I)
+_LEAD_IN = re.compile(r"^(?:(?:yes|yeah|yep|oh|well|wow|haha|lol|hi|hello|hey|sure|no|nope|ok|okay|honestly|"
+                      r"actually|so|and|but|also|thanks|cool|great|nice)\b[,!.]?\s+)+(?=(?:i|i'm|my)\b)", re.I)
+_ADVERB = re.compile(r"^(i(?:'m| am)?)\s+(?:also|really|just|still|actually|truly|absolutely|definitely|"
+                     r"especially|mostly|usually|currently|only)\s+", re.I)
+
+
+def _clauses(sentence: str) -> list[str]:
+    """A chat sentence's clauses, each a sentence of its own, lead-ins ("Yeah, ") and "also" taken out."""
+    out = []
+    for clause in _CLAUSE_BREAK.split(sentence.strip()):
+        clause = _ADVERB.sub(r"\1 ", _LEAD_IN.sub("", _TOO.sub("", clause.strip())))
+        parts = _SHARED_SUBJECT.split(clause) if re.match(r"i\s", clause, re.I) else [clause]
+        out.extend([parts[0]] + ["I " + part for part in parts[1:]])
+    if len(out) == 1 and out[0] == sentence.strip():
+        return out
+    out = [c[:1].upper() + c[1:] for c in map(str.strip, out) if c]
+    return [c if re.search(r"[.!?][\"')\]]*$", c) else c + "." for c in out]
 
 
 def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
     """The user's own first-person facts in a chat ("I live in Porto. What about you?" -> "I live in
-    Porto."): sentences of the user's turns (as :func:`turns_as_messages` assigns roles) that a fact
+    Porto."): clauses of the user's turns (as :func:`turns_as_messages` assigns roles) that a fact
     pattern matches, with a short answer, and that speak of no one else (no "you", "we", no question).
-    They are trained as profile facts are, so a person who never wrote a profile is remembered from
-    their chats."""
+    A sentence is cut at its clauses first ("I'm from Ohio, how about you?" -> "I'm from Ohio.";
+    "I have a cow and drive a truck." -> "I have a cow.", "I drive a truck."). They are trained as
+    profile facts are, so a person who never wrote a profile is remembered from their chats."""
     out: list[str] = []
     for message in turns_as_messages(turns):
         if message["role"] != "user":
             continue
         for sentence in _SENTENCE_END.split(message["content"]):
-            sentence = re.sub(r",?\s+(?:too|as well)(?=[.!]*$)", "", sentence.strip())
-            if not sentence or _NOT_ABOUT_THE_USER.search(sentence) or len(sentence.split()) > 14:
-                continue
-            found = _match(sentence)
-            if found is not None and len(found[2].split()) <= 5 and sentence not in out \
-                    and any(word.lower().strip(".,!'") not in _VAGUE for word in found[2].split()):
-                out.append(sentence)
+            for clause in _clauses(sentence):
+                if _NOT_ABOUT_THE_USER.search(clause) or len(clause.split()) > 14:
+                    continue
+                found = _match(clause)
+                if found is None or len(found[2].split()) > 5 or clause in out:
+                    continue
+                # "I like that one." says nothing; "I have one sister." does (the answer with its thing).
+                said = f"{found[1]['ans']} {found[1].get('thing', '')}".split()
+                if said[0].lower() not in _POINTING and any(w.lower().strip(".,!'") not in _VAGUE for w in said):
+                    out.append(clause)
     return out
 
 
