@@ -233,7 +233,7 @@ ALL_FILES = ("profile-maya.md", "chatgpt-conversations.json", "garden-notes.md")
 
 def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int, prefix: str, evaluate: bool = True,
                 compare: bool = False, export: bool = False, until_recalled: bool = True,
-                examples: tuple[str, ...] = ALL_FILES) -> dict:
+                examples: tuple[str | Path, ...] = ALL_FILES) -> dict:
     """The whole job in the browser: drop files, train (reloading mid-job), chat with memory on and off, inspect.
 
     Returns what the test asserts on: the two replies and the inspector's views.
@@ -380,15 +380,19 @@ def test_the_whole_flow_with_the_bundled_model_recalls_a_profile_fact(bundled_ho
     (home / "models").mkdir(parents=True)
     for model in (bundled_home / "models").iterdir():
         (home / "models" / model.name).symlink_to(model)
+    # Three of the example profile's facts and the hostile file. The whole profile (7 facts with a
+    # question) ran to the cap of 60 steps (0, 1, 3, 5, 6 of 7 recalled at steps 10-50: 4.7 of the
+    # test's 6 minutes); these three stop at step 30 (1, 3, 3 of 3 with a margin at steps 10-30),
+    # the tiny-model flow drops every example file already, and what is tested here is the flow on
+    # the real model. Bounded by steps (60 at most), never by the machine's speed: the job's recall
+    # check (every answer with a margin, two checks in a row) decides when it stops.
+    profile = tmp_path / "profile-maya.md"
+    profile.write_text("# About me (Maya)\n\n- My name is Maya Okafor.\n- My dog is called Pixel.\n"
+                       "- I play the cello on Sunday mornings.\n", encoding="utf-8")
     with running_app(home, tmp_path / "app.log") as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        # The profile and the hostile file only (the tiny-model flow drops every kind of file);
-        # 60 steps at most (bounded by steps, never by the machine's speed). The job's recall check
-        # (every answer with a margin, two checks in a row) stops the profile alone at step 50 (0
-        # of 7 facts at steps 10-20, 6 at 30 (4 with a margin), 7 with a margin at 40 and 50). At a
-        # cap of 40 a run without the margin once answered "Your dog is called a Greyhound.".
         view = memory_flow(page, url, tmp_path, pack="maya", steps=60, prefix="bundled", evaluate=False,
-                           examples=("profile-maya.md",))
+                           examples=(profile,))
     print("memory off:", view["off"], "| memory on:", view["on"], "| job:", view["after_reload"])
     check_flow(view)
     assert "Pixel" in view["on"] and "Pixel" not in view["off"]
