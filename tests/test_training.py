@@ -186,6 +186,8 @@ def test_a_chat_sentence_is_cut_at_its_clauses_before_its_facts_are_taken():
         'I love "Toxic."': ['I love "Toxic."'],  # a whole sentence is kept as it was written
         "I like that one.": [],
         "I live in Leeds, and we love it.": [],  # "we": not the user's alone
+        "Hi, I'm George, what's your name?": ["My name is George."],  # an introduction after a greeting
+        "I'm Canadian.": [],  # without one, a capitalised word is not taken for a name
     }
     for sentence, statements in said.items():
         assert chat_statements([("Sam", sentence)]) == statements, sentence

@@ -283,19 +283,28 @@ def _clauses(sentence: str) -> list[str]:
     return [c if re.search(r"[.!?][\"')\]]*$", c) else c + "." for c in out]
 
 
+_GREETING = re.compile(r"^\W*(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|nice to meet you)\b", re.I)
+_INTRODUCTION = re.compile(r"^I(?:'m| am) (?P<name>[A-Z][a-z]+)[.!]?$")
+
+
 def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
     """The user's own first-person facts in a chat ("I live in Porto. What about you?" -> "I live in
     Porto."): clauses of the user's turns (as :func:`turns_as_messages` assigns roles) that a fact
     pattern matches, with a short answer, and that speak of no one else (no "you", "we", no question).
     A sentence is cut at its clauses first ("I'm from Ohio, how about you?" -> "I'm from Ohio.";
     "I have a cow and drive a truck." -> "I have a cow.", "I drive a truck."). They are trained as
-    profile facts are, so a person who never wrote a profile is remembered from their chats."""
+    profile facts are, so a person who never wrote a profile is remembered from their chats. In a
+    turn that opens with a greeting, "I'm Sam." is the user's name ("My name is Sam.")."""
     out: list[str] = []
     for message in turns_as_messages(turns):
         if message["role"] != "user":
             continue
+        greeting = bool(_GREETING.match(message["content"]))
         for sentence in _SENTENCE_END.split(message["content"]):
             for clause in _clauses(sentence):
+                introduction = _INTRODUCTION.match(clause) if greeting else None
+                if introduction and introduction["name"] != "User":
+                    clause = f"My name is {introduction['name']}."
                 if _NOT_ABOUT_THE_USER.search(clause) or len(clause.split()) > 14:
                     continue
                 found = _match(clause)
