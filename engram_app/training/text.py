@@ -303,7 +303,7 @@ def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
         for sentence in _SENTENCE_END.split(message["content"]):
             for clause in _clauses(sentence):
                 introduction = _INTRODUCTION.match(clause) if greeting else None
-                if introduction and introduction["name"] != "User":
+                if introduction:
                     clause = f"My name is {introduction['name']}."
                 if _NOT_ABOUT_THE_USER.search(clause) or len(clause.split()) > 14:
                     continue
