@@ -194,6 +194,25 @@ def test_a_chat_sentence_is_cut_at_its_clauses_before_its_facts_are_taken():
     assert fact_questions("I have one older sister.")[0][2] == "one"
 
 
+def test_a_hostile_chat_turn_cannot_stall_the_fact_finding():
+    """Runs of whitespace made the clause rules quadratic (8,000 spaces: 2 s; a megabyte: hours)."""
+    import signal
+
+    def stalled(*_):
+        raise TimeoutError("chat_statements ran for 60 s")
+
+    turns = [("Sam", "I " + " " * 1_000_000 + "x"), ("Bot", "ok"), ("Sam", "I like tea" + " " * 1_000_000 + ", too."),
+             ("Bot", "ok"), ("Sam", "I have a cow and " * 60_000), ("Bot", "ok"), ("Sam", "I like tea\nI live in Rome")]
+    previous = signal.signal(signal.SIGALRM, stalled)  # a watchdog (the regex engine checks signals): ~0.2 s here
+    signal.alarm(60)
+    try:
+        statements = chat_statements(turns)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert statements[-2:] == ["I like tea", "I live in Rome"]  # lines are sentences
+
+
 def test_chat_loss_covers_the_turns_and_not_the_template_preamble():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = ("<|system|>You are helpful.\n{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"

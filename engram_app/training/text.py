@@ -283,6 +283,7 @@ def _clauses(sentence: str) -> list[str]:
     return [c if re.search(r"[.!?][\"')\]]*$", c) else c + "." for c in out]
 
 
+_MAX_SENTENCE = 400  # characters
 _GREETING = re.compile(r"^\W*(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|nice to meet you)\b", re.I)
 _INTRODUCTION = re.compile(r"^I(?:'m| am) (?P<name>[A-Z][a-z]+)[.!]?$")
 
@@ -300,7 +301,10 @@ def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
         if message["role"] != "user":
             continue
         greeting = bool(_GREETING.match(message["content"]))
-        for sentence in _SENTENCE_END.split(message["content"]):
+        # Lines are sentences too; runs of whitespace are one space (the clause rules then cost
+        # linear time on any turn); a sentence that long holds no short fact.
+        lines = (" ".join(line.split()) for line in message["content"].splitlines())
+        for sentence in (s for line in lines for s in _SENTENCE_END.split(line) if len(s) <= _MAX_SENTENCE):
             for clause in _clauses(sentence):
                 introduction = _INTRODUCTION.match(clause) if greeting else None
                 if introduction:
