@@ -187,7 +187,23 @@ def test_a_chat_sentence_is_cut_at_its_clauses_before_its_facts_are_taken():
         "I like that one.": [],
         "I live in Leeds, and we love it.": [],  # "we": not the user's alone
         "Hi, I'm George, what's your name?": ["My name is George."],  # an introduction after a greeting
-        "I'm Canadian.": [],  # without one, a capitalised word is not taken for a name
+        "Hey there, I\u2019m Jos\u00e9.": ["My name is Jos\u00e9."],  # a phone's apostrophe, any letters
+        "I'm Canadian.": [],  # without a greeting, a capitalised word is not taken for a name
+        "Hi! I'm Sam. I'm American.": ["My name is Sam."],  # only the first clause after it
+        "Hi, I'm Canadian.": [],
+        "Hello, I am Dr. Smith.": [],
+        # What the second verb does not share: a wish, a past habit, a modal, someone else.
+        "I want to move to Spain and work as a teacher.": [],
+        "I used to live in Paris and work at Google.": [],
+        "I can't sing and play guitar at the same time.": [],
+        "I think my kids like cats and hate dogs.": [],
+        # Said to an assistant, or pointing at something said before: nothing about the user.
+        "I have a question, how do I reset it?": [],
+        "Oh I love that show!": [],
+        "Haha I have no idea.": [],
+        "I like \u2014.": [],
+        "I don't have a dog, but I have a cat.": ["I have a cat."],
+        "I live in New\nYork.": ["I live in New York."],  # a wrapped line is one sentence
     }
     for sentence, statements in said.items():
         assert chat_statements([("Sam", sentence)]) == statements, sentence
@@ -196,13 +212,16 @@ def test_a_chat_sentence_is_cut_at_its_clauses_before_its_facts_are_taken():
 
 def test_a_hostile_chat_turn_cannot_stall_the_fact_finding():
     """Runs of whitespace made the clause rules quadratic (8,000 spaces: 2 s; a megabyte: hours)."""
-    import signal
-
     def stalled(*_):
         raise TimeoutError("chat_statements ran for 60 s")
 
     turns = [("Sam", "I " + " " * 1_000_000 + "x"), ("Bot", "ok"), ("Sam", "I like tea" + " " * 1_000_000 + ", too."),
-             ("Bot", "ok"), ("Sam", "I have a cow and " * 60_000), ("Bot", "ok"), ("Sam", "I like tea\nI live in Rome")]
+             ("Bot", "ok"), ("Sam", "I have a cow and " * 60_000), ("Bot", "ok"),
+             # 40,000 turns in a row from one speaker, each a new fact: joining them and checking
+             # each fact against the ones found were quadratic too.
+             *[("Sam", f"I live in town {i}.") for i in range(40_000)], ("Bot", "ok"),
+             ("Sam", "x\n" * 200_000), ("Bot", "ok"),  # wrapped lines, joined once
+             ("Sam", "I like tea\nI live in Rome")]
     previous = signal.signal(signal.SIGALRM, stalled)  # a watchdog (the regex engine checks signals): ~0.2 s here
     signal.alarm(60)
     try:
@@ -210,7 +229,27 @@ def test_a_hostile_chat_turn_cannot_stall_the_fact_finding():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert statements[-2:] == ["I like tea", "I live in Rome"]  # lines are sentences
+    assert statements[-2:] == ["I like tea", "I live in Rome"]  # a line that starts with "I" is a sentence
+    assert statements[0] == "I like tea." and len(statements) == 1 + 40_000 + 2  # the long sentence is skipped
+
+
+def test_a_turn_longer_than_a_chunk_is_trained_window_by_window_with_the_facts_at_its_end(service, tmp_path):
+    """Each window of a long turn is trained (not the turn's first tokens once per window), and a
+    fact at the end of the turn is found."""
+    from engram_app.training.dataset import source_examples
+
+    diary = " ".join(f"On day {i} the sky was grey." for i in range(300))
+    path = tmp_path / "chat.txt"
+    path.write_text(f"Sam: {diary} I live in Porto.\nBot: Nice.\nSam: Thanks.\n")
+    [result] = service.ingest([path], kind="chat")
+    assert result.status == "added", result.reason
+    chunks = service.db().execute("select count(*) from chunks where source_id = ?", [result.source]).fetchone()[0]
+    examples, probes = source_examples(service.db(), service.tokenizer(), result.source, 256)
+    texts = [service.tokenizer().decode(e.ids) for e in examples]
+    assert chunks > 5
+    assert any("day 299" in t and "Porto" in t for t in texts)  # the last window, as a chat
+    assert any("day 150" in t for t in texts)  # one in the middle
+    assert ("Where do I live?", "Porto") in [(p.prompt, p.answer) for p in probes]
 
 
 def test_chat_loss_covers_the_turns_and_not_the_template_preamble():

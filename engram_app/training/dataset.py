@@ -86,6 +86,13 @@ def source_examples(db: sqlite_utils.Database, tokenizer, source_id: int, max_le
     for chunk in chunks:
         covered = records[chunk["first_record"]: chunk["last_record"] + 1]
         turns = [(r["speaker"], r["text"]) for r in covered if r["kind"] == "turn"]
+        if len(covered) == 1 and turns and len(chunk["text"]) < len(turns[0][1]):
+            # A turn longer than a chunk is cut into windows (ingest.chunking): each window is
+            # trained and read for facts, not the whole turn again (which trained the turn's first
+            # tokens once per window, and read a megabyte turn once per window).
+            speaker = turns[0][0]
+            window = chunk["text"].removeprefix(f"{speaker}: ") if speaker else chunk["text"]
+            turns = [(speaker, window)]
         texts = [r for r in covered if r["kind"] == "text"]
         for r in covered:
             if r["kind"] == "fact" and r["position"] not in facts_done:

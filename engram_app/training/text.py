@@ -252,7 +252,13 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NOT_ABOUT_THE_USER = re.compile(r"\b(?:you|your|yours|we|us|our)\b|\?", re.I)
 _VAGUE = {"that", "this", "it", "those", "these", "them", "one", "too", "so", "much", "all", "things", "stuff", "lot",
           "a", "the", "to", "very", "really", "of", "fun", "good", "great", "about", "play", "do", "go"}
-_POINTING = {"it", "them", "him", "her", "they", "there"}  # "I love them to death." says nothing
+# An answer that starts with one of these points at something said before ("I love them to death.",
+# "I love that show!", "I have no idea."): it says nothing about the user on its own.
+_POINTING = {"it", "them", "him", "her", "they", "there", "that", "this", "those", "these", "his", "their",
+             "another", "no", "such"}
+# What people "have" in a conversation with an assistant, not about themselves ("I have a question.").
+_CONVERSATIONAL = {"question", "questions", "problem", "problems", "idea", "clue", "issue", "issues", "doubt",
+                   "suggestion", "request", "feeling", "thought", "error", "follow-up", "favor", "favour"}
 # Where one sentence of a chat holds two clauses: "..., but my favourite is X", "...; ...", "... and I
 # love them", and a question after a comma ("I'm George, what's your name?"), whose clause is then
 # dropped as any question is, keeping the statement before it.
@@ -263,9 +269,11 @@ _CLAUSE_BREAK = re.compile(
 # "I have a pet cow and drive a big truck.": the verb after "and" shares the clause's "I".
 _SHARED_SUBJECT = re.compile(
     r",?\s+and\s+(?=(?:like|love|enjoy|hate|play|drive|speak|own|study|collect|live|work|have|grew)\b)", re.I)
-_TOO = re.compile(r",?\s+(?:too|as well)(?=[.!]*$)", re.I)
+_NOT_PLAIN = re.compile(r"\b(?:to|not|never|can|could|would|should|might|will|want|wanted|wish|used|who|"
+                        r"that|which|think|hope|if|when)\b|n't\b", re.I)
+_TOO = re.compile(r"\s*,?\s+(?:too|as well)(?=[.!]*$)", re.I)
 _LEAD_IN = re.compile(r"^(?:(?:yes|yeah|yep|oh|well|wow|haha|lol|hi|hello|hey|sure|no|nope|ok|okay|honestly|"
-                      r"actually|so|and|but|also|thanks|cool|great|nice)\b[,!.]?\s+)+(?=(?:i|i'm|my)\b)", re.I)
+                      r"actually|so|and|but|also|thanks|cool|great|nice|there)\b[,!.]?\s+)+(?=(?:i|i'm|my)\b)", re.I)
 _ADVERB = re.compile(r"^(i(?:'m| am)?)\s+(?:also|really|just|still|actually|truly|absolutely|definitely|"
                      r"especially|mostly|usually|currently|only)\s+", re.I)
 
@@ -275,7 +283,12 @@ def _clauses(sentence: str) -> list[str]:
     out = []
     for clause in _CLAUSE_BREAK.split(sentence.strip()):
         clause = _ADVERB.sub(r"\1 ", _LEAD_IN.sub("", _TOO.sub("", clause.strip())))
-        parts = _SHARED_SUBJECT.split(clause) if re.match(r"i\s", clause, re.I) else [clause]
+        parts = _SHARED_SUBJECT.split(clause, maxsplit=1) if re.match(r"i\s", clause, re.I) else [clause]
+        # "I have a cow and drive a truck." is two facts; "I want to move to Spain and work as a
+        # teacher.", "I used to live in Paris and ...", "I have two sons who play hockey and love
+        # pizza." are not: the first part must be a plain fact itself.
+        if len(parts) == 2 and (_NOT_PLAIN.search(parts[0]) or _match(parts[0]) is None):
+            parts = [clause]
         out.extend([parts[0]] + ["I " + part for part in parts[1:]])
     if len(out) == 1 and out[0] == sentence.strip():
         return out
@@ -285,7 +298,17 @@ def _clauses(sentence: str) -> list[str]:
 
 _MAX_SENTENCE = 400  # characters
 _GREETING = re.compile(r"^\W*(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|nice to meet you)\b", re.I)
-_INTRODUCTION = re.compile(r"^I(?:'m| am) (?P<name>[A-Z][a-z]+)[.!]?$")
+_INTRODUCTION = re.compile(r"^I(?:'m| am) (?P<name>[^\W\d_]+)[.!]?$")
+# Capitalised words after "I'm" that are not names (titles, nationalities, faiths, greetings' echoes).
+_NOT_NAMES = {
+    "dr", "mr", "mrs", "ms", "miss", "sir", "madam", "prof", "professor", "here", "back", "new", "fine", "good",
+    "great", "okay", "ok", "sorry", "glad", "happy", "well", "so", "not", "also", "just", "american", "canadian",
+    "mexican", "british", "english", "scottish", "welsh", "irish", "french", "german", "dutch", "spanish",
+    "italian", "portuguese", "greek", "russian", "polish", "swedish", "norwegian", "danish", "finnish", "swiss",
+    "austrian", "chinese", "japanese", "korean", "vietnamese", "thai", "filipino", "indian", "pakistani",
+    "african", "nigerian", "kenyan", "egyptian", "brazilian", "argentinian", "colombian", "peruvian", "chilean",
+    "cuban", "australian", "asian", "european", "latino", "latina", "hispanic", "christian", "catholic",
+    "protestant", "jewish", "muslim", "hindu", "buddhist", "atheist", "vegan", "vegetarian"}
 
 
 def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
@@ -297,28 +320,45 @@ def chat_statements(turns: list[tuple[str | None, str]]) -> list[str]:
     profile facts are, so a person who never wrote a profile is remembered from their chats. In a
     turn that opens with a greeting, "I'm Sam." is the user's name ("My name is Sam.")."""
     out: list[str] = []
+    seen: set[str] = set()
     for message in turns_as_messages(turns):
         if message["role"] != "user":
             continue
-        greeting = bool(_GREETING.match(message["content"]))
-        # Lines are sentences too; runs of whitespace are one space (the clause rules then cost
-        # linear time on any turn); a sentence that long holds no short fact.
-        lines = (" ".join(line.split()) for line in message["content"].splitlines())
-        for sentence in (s for line in lines for s in _SENTENCE_END.split(line) if len(s) <= _MAX_SENTENCE):
+        content = message["content"].replace("\u2019", "'").replace("\u2018", "'")  # a phone's apostrophes
+        introducing = bool(_GREETING.match(content))  # until the turn's first clause after the greeting
+        for sentence in _sentences(content):
             for clause in _clauses(sentence):
-                introduction = _INTRODUCTION.match(clause) if greeting else None
-                if introduction:
+                introduction = _INTRODUCTION.match(clause) if introducing else None
+                if introduction and introduction["name"][0].isupper() and introduction["name"].lower() not in _NOT_NAMES:
                     clause = f"My name is {introduction['name']}."
+                if _GREETING.match(clause) is None:
+                    introducing = False
                 if _NOT_ABOUT_THE_USER.search(clause) or len(clause.split()) > 14:
                     continue
                 found = _match(clause)
-                if found is None or len(found[2].split()) > 5 or clause in out:
+                if found is None or len(found[2].split()) > 5 or clause in seen:
                     continue
                 # "I like that one." says nothing; "I have one sister." does (the answer with its thing).
                 said = f"{found[1]['ans']} {found[1].get('thing', '')}".split()
-                if said[0].lower() not in _POINTING and any(w.lower().strip(".,!'") not in _VAGUE for w in said):
+                if said[0].lower() not in _POINTING and any(w.lower().strip(".,!'") not in _VAGUE for w in said) \
+                        and re.search(r"[^\W_]", found[2]) \
+                        and not (clause.lower().startswith("i have") and _CONVERSATIONAL & set(found[2].lower().split())):
+                    seen.add(clause)
                     out.append(clause)
     return out
+
+
+def _sentences(content: str) -> list[str]:
+    """A turn's sentences: cut after . ! ? and at a line that starts a statement ("I ...", "My ...");
+    other line breaks are spaces (wrapped text); runs of whitespace are one space, so the clause
+    rules cost linear time on any turn; a sentence that long holds no short fact."""
+    groups: list[list[str]] = []  # lines of one stretch of text (joined once: += per line was quadratic)
+    for line in filter(None, (" ".join(line.split()) for line in content.splitlines())):
+        if groups and not re.match(r"(?:i|i'm|my)\b", line, re.I) and not re.search(r"[.!?][\"')\]]*$", groups[-1][-1]):
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    return [s for group in groups for s in _SENTENCE_END.split(" ".join(group)) if len(s) <= _MAX_SENTENCE]
 
 
 # --- tokenisation -----------------------------------------------------------------------------
@@ -397,8 +437,9 @@ def turns_as_messages(turns: list[tuple[str | None, str]]) -> list[dict]:
             if key not in order:
                 order[key] = "user" if len(order) % 2 == 0 else "assistant"
             role = order[key]
+        text = text if isinstance(text, str) else str(text or "")
         if out and out[-1]["role"] == role:
-            out[-1]["content"] += "\n" + text
+            out[-1]["content"].append(text)  # joined once below: += on each turn was quadratic
         else:
-            out.append({"role": role, "content": text})
-    return out
+            out.append({"role": role, "content": [text]})
+    return [{"role": m["role"], "content": "\n".join(m["content"])} for m in out]
