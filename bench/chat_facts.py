@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recall import choose_probes, read_people, words  # noqa: E402
+from bench.recall import add_people_arguments, choose_probes, people_of, words  # noqa: E402
 from bench.results_table import publish  # noqa: E402
 from engram_app.training.text import _match, chat_statements  # noqa: E402
 
@@ -29,13 +29,10 @@ def turns(conversation: str) -> list[tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder or CSV of Synthetic-Persona-Chat")
-    parser.add_argument("--people", type=int, default=80, help="people in both halves together")
-    parser.add_argument("--split", choices=("held-out", "tuning"), default="tuning")
+    add_people_arguments(parser, people=80, split="tuning")
     args = parser.parse_args()
 
-    everyone = read_people(args.data, args.people)
-    people = everyone[0::2] if args.split == "tuning" else everyone[1::2]
+    people = people_of(args.data, args.people, args.split)
     asked = found = statements = 0
     for person in people:
         choose_probes(person, "chat")

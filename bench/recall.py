@@ -148,6 +148,19 @@ def read_people(data: Path, count: int) -> list[Person]:
     return people
 
 
+def add_people_arguments(parser: argparse.ArgumentParser, people: int, split: str) -> None:
+    """--data, --people and --split, as every bench on these people takes them."""
+    parser.add_argument("--data", type=Path, required=True, help="folder or CSV of Synthetic-Persona-Chat")
+    parser.add_argument("--people", type=int, default=people, help="people in both halves together")
+    parser.add_argument("--split", choices=("held-out", "tuning"), default=split)
+
+
+def people_of(data: Path, count: int, split: str) -> list[Person]:
+    """The half ``split`` of the first ``count`` people: tuning = indexes 0, 2, 4, ..., held-out = 1, 3, 5, ..."""
+    everyone = read_people(data, count)
+    return everyone[0::2] if split == "tuning" else everyone[1::2]
+
+
 def from_first_user_turn(conversation: str) -> str:
     """The conversation from User 1's first turn: the chat importer takes the first speaker for the user."""
     lines = [line.strip() for line in conversation.splitlines() if line.strip()]
@@ -335,9 +348,7 @@ def table(args, methods: list[str], tallies: dict[str, Tally], people: list[Pers
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder or CSV of Synthetic-Persona-Chat")
-    parser.add_argument("--people", type=int, default=20, help="people in both halves together")
-    parser.add_argument("--split", choices=("held-out", "tuning"), default="held-out")
+    add_people_arguments(parser, people=20, split="held-out")
     parser.add_argument("--source", choices=("profile", "chat"), default="profile")
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="quick")
     parser.add_argument("--steps", type=int, default=None, help="bound training by steps instead of minutes")
@@ -366,8 +377,7 @@ def main() -> None:
         options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True, anchors=args.anchors)
         budget = args.budget
 
-    everyone = read_people(args.data, args.people)
-    people = everyone[0::2] if args.split == "tuning" else everyone[1::2]
+    people = people_of(args.data, args.people, args.split)
     for person in people:
         choose_probes(person, args.source)
     asked = [p for p in people if p.probes]

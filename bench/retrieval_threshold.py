@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.recall import CONTROLS, choose_probes, read_people  # noqa: E402
+from bench.recall import CONTROLS, add_people_arguments, choose_probes, people_of  # noqa: E402
 from bench.results_table import publish  # noqa: E402
 from engram_app.inference.prompting import RETRIEVAL_MIN_SCORE  # noqa: E402
 from engram_app.ingest.embedding import Embedder  # noqa: E402
@@ -32,13 +32,10 @@ THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder or CSV of Synthetic-Persona-Chat")
-    parser.add_argument("--people", type=int, default=40, help="people read, as bench/recall.py (half of them used)")
-    parser.add_argument("--split", choices=("tuning", "held-out"), default="tuning")
+    add_people_arguments(parser, people=40, split="tuning")
     args = parser.parse_args()
 
-    people = read_people(args.data, args.people)
-    people = people[0::2] if args.split == "tuning" else people[1::2]
+    people = people_of(args.data, args.people, args.split)
     embedder = Embedder()
     controls = embedder.encode([question for question, _ in CONTROLS])
     own, first, control_max = [], 0, []
