@@ -188,3 +188,61 @@ def test_the_until_learned_preset_queues_a_job_with_no_time_limit(make_service, 
     assert queued["until learned (no time limit)"]["max_minutes"] is None
     assert queued["thorough (10 min)"]["max_minutes"] == 10.0 and queued["quick (2 min)"]["max_minutes"] == 2.0
     assert all(options["max_steps"] == 40 and options["until_recalled"] for options in queued.values())
+
+
+# --- micro-batches of similar length ---------------------------------------------------------------
+
+def test_a_batch_is_cut_into_micro_batches_of_similar_length_each_example_once():
+    from engram_app.training.trainer import micro_batches
+    lengths = [40, 256, 38, 44, 41, 39, 43, 42]
+    groups = micro_batches(lengths, overhead=48)
+    assert sorted(i for group in groups for i in group) == list(range(8))
+    assert [1] in groups  # the long chat window alone, the questions together
+    assert len(groups) == 2
+    assert micro_batches(lengths, overhead=None) == [list(range(8))]  # a GPU: one call
+    assert len(micro_batches([44] * 8, overhead=48)) == 1  # nothing to save
+    assert micro_batches([], overhead=48) == [[]] and micro_batches([5], overhead=48) == [[0]]
+
+
+@pytest.mark.parametrize("mode", ["engram", "engram+lora"])
+def test_micro_batches_give_the_loss_and_gradients_of_the_whole_batch(tiny_model_dir, mode):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engram_app.engram import EngramConfig
+    from engram_app.training import adapters
+    from engram_app.training.packs import PackConfig
+    from engram_app.training.text import IGNORE, Example
+    from engram_app.training.trainer import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).requires_grad_(False)
+    config = PackConfig(mode=mode, lora_r=4,
+                        engram=EngramConfig(layers=[1], heads=2, rows_per_head=101, head_dim=4).to_dict())
+    adapted = adapters.attach(base, tokenizer, config)
+    generator = torch.Generator().manual_seed(1)
+    batch = []
+    for length in (60, 7, 9, 33, 8, 61, 10, 12):  # labels only on each sequence's second half
+        ids = torch.randint(3, len(tokenizer), (length,), generator=generator).tolist()
+        batch.append(Example(ids=ids, labels=[IGNORE] * (length // 2) + ids[length // 2:], source_id=1, kind="chat"))
+    trainer = Trainer(adapted, tokenizer, batch, TrainOptions(max_steps=1))
+    adapted.train(True)
+
+    def gradients(overhead):
+        trainer.call_overhead = overhead
+        trainer.optimizer.zero_grad()
+        loss, tokens = trainer._forward_backward(batch, tokenizer.pad_token_id)
+        rows, values = adapted.memory.table.row_gradients()
+        grads = {"table": torch.zeros(int(rows.max()) + 1, values.shape[1]).index_add_(0, rows, values)}
+        parameters = adapted.memory.dense_parameters() + adapted.trainable_extra()
+        grads.update({f"dense{i}": p.grad.clone() for i, p in enumerate(parameters) if p.grad is not None})
+        return loss, tokens, grads
+
+    whole_loss, whole_tokens, whole = gradients(None)
+    split_loss, split_tokens, split = gradients(0)  # every example a call of its own
+    assert whole_tokens == split_tokens == sum(len(e.ids) for e in batch)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole and whole.keys() == split.keys()
+    assert len(whole) > 1 + (mode == "engram+lora")  # the table, the gates and convolution, LoRA's weights
+    for name in whole:
+        assert torch.allclose(split[name], whole[name], atol=1e-6, rtol=1e-4), name
