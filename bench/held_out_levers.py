@@ -10,16 +10,14 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   going on after "recalled twice in a row" until ``consolidate`` x the steps it took;
 - ``skip_template``: new packs' memories key their n-grams past the chat template's tokens
   (``EngramConfig.skip_template``: a reply's first token keyed on the question's last words;
-  ``bench/recall.py --skip-template``, stop 29);
-- ``lr_decay(final)``: the learning rate falls linearly over a job's step cap, from the one set to
-  ``final`` x it (``bench/recall.py --lr-decay 0.1``, stop 31).
+  ``bench/recall.py --skip-template``, stop 29).
+
+The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
 
 from engram_app.training import runner, sizes, text
 from engram_app.training.evaluate import recalled
@@ -55,12 +53,8 @@ def recall_stop(cool: float = 1.0, consolidate: float = 1.0) -> None:
     Trainer.__init__ = remember_trainer
 
     def scale_learning_rate(trainer: Trainer, factor: float) -> None:
-        for optimizer in trainer.optimizer.optimizers:
-            if hasattr(optimizer, "param_groups") and not hasattr(optimizer, "rows_touched"):
-                for group in optimizer.param_groups:  # AdamW: the dense parts
-                    group["lr"] *= factor
-            else:
-                optimizer.lr *= factor  # RowwiseAdam: the tables
+        # the rates the schedule (TrainOptions.lr_final) scales at every step, tables and dense parts
+        trainer.optimizer.set_lrs = [[lr * factor for lr in lrs] for lrs in trainer.optimizer.set_lrs]
 
     def recall_check(self, adapted, tokenizer, probes):
         state = {"streak": 0, "cooled": False, "until": None}
@@ -95,24 +89,3 @@ def skip_template() -> None:
         return config
 
     sizes.SizePreset.engram_config = skipping
-
-
-def lr_decay(final: float) -> None:
-    """Each step's learning rate: the one set x (1 - (1 - final) x step / (cap - 1)), tables and dense parts."""
-    forward_backward = Trainer._forward_backward
-
-    def decaying(self, batch, pad):
-        optimizers = self.optimizer.optimizers
-        if not hasattr(self, "set_lrs"):
-            self.set_lrs = [[g["lr"] for g in o.param_groups] if isinstance(o, torch.optim.Optimizer) else o.lr
-                            for o in optimizers]
-        factor = 1 - (1 - final) * min(self.step / max(self.total - 1, 1), 1.0)
-        for optimizer, lrs in zip(optimizers, self.set_lrs):
-            if isinstance(optimizer, torch.optim.Optimizer):
-                for group, lr in zip(optimizer.param_groups, lrs):
-                    group["lr"] = lr * factor
-            else:
-                optimizer.lr = lrs * factor
-        return forward_backward(self, batch, pad)
-
-    Trainer._forward_backward = decaying

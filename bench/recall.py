@@ -361,24 +361,25 @@ def main() -> None:
                         help="anchor examples (the base model's own replies) per new example, at most 16")
     parser.add_argument("--skip-template", action="store_true",
                         help="a lever not adopted: memories whose n-grams skip the chat template's tokens")
-    parser.add_argument("--lr-decay", type=float, default=None, metavar="FINAL",
-                        help="a lever measured: the learning rate falls linearly to FINAL x over a job's step cap")
+    parser.add_argument("--lr-final", "--lr-decay", dest="lr_final", type=float, default=TrainOptions.lr_final,
+                        metavar="FINAL", help="the learning rate falls linearly to FINAL x the first over a job's "
+                        "step cap (TrainOptions.lr_final; 1: constant, as before stop 32)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
         held_out_levers.skip_template()
-    if args.lr_decay is not None:
-        held_out_levers.lr_decay(args.lr_decay)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
     if args.steps is not None:
-        options = TrainOptions(max_steps=args.steps, evaluate=True, anchors=args.anchors)
+        options = TrainOptions(max_steps=args.steps, evaluate=True, anchors=args.anchors,
+                               lr_final=args.lr_final)
         budget = f"steps{args.steps}"
     else:
-        options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True, anchors=args.anchors)
+        options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True, anchors=args.anchors,
+                               lr_final=args.lr_final)
         budget = args.budget
 
     people = people_of(args.data, args.people, args.split)
@@ -403,7 +404,7 @@ def main() -> None:
     controls = shared.controls or []
     lines = table(args, methods, tallies, people, asked, controls, lora_r, budget, model)
     levers = ("-skip-template" if args.skip_template else "") + \
-        (f"-lr-decay{args.lr_decay:g}" if args.lr_decay is not None else "") + \
+        (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
     publish(f"recall-{args.split}-{budget}-{args.source}{levers}", lines)
     if args.json:

@@ -608,6 +608,8 @@ def pack_sizes(settings: Settings, as_json: bool) -> None:
 @click.option("--recall-epochs", type=float, default=None,
               help="With the recall check: passes allowed until the facts are recalled (default 24).")
 @click.option("--lr", type=float, default=None, help="Learning rate of the dense parts (tables train at 5x).")
+@click.option("--lr-final", type=float, default=None,
+              help="The learning rate falls linearly to this fraction of --lr at the last step (default 0.1; 1: constant).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--full", is_flag=True, help="Retrain from scratch on every source (drops deleted sources' writes).")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation at the end.")
@@ -616,15 +618,15 @@ def pack_sizes(settings: Settings, as_json: bool) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the job to finish (starting a worker if none is running).")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON (at the end with --wait).")
 def train(settings: Settings, pack_name: str, max_steps: int | None, max_minutes: float | None, epochs: float | None,
-          recall_epochs: float | None, lr: float | None, batch_size: int | None, full: bool, no_eval: bool,
-          until_recalled: bool, wait: bool, as_json: bool) -> None:
+          recall_epochs: float | None, lr: float | None, lr_final: float | None, batch_size: int | None, full: bool,
+          no_eval: bool, until_recalled: bool, wait: bool, as_json: bool) -> None:
     """Queue a training job for a pack: it learns the sources it has not learned yet."""
     from engram_app import cli_progress
     from engram_app.service import Service
     from engram_app.training import TrainOptions
 
     given = {"max_steps": max_steps, "max_minutes": max_minutes, "epochs": epochs, "recall_epochs": recall_epochs,
-             "lr": lr, "batch_size": batch_size}
+             "lr": lr, "lr_final": lr_final, "batch_size": batch_size}
     options = TrainOptions(**{k: v for k, v in given.items() if v is not None}, full=full, evaluate=not no_eval,
                            until_recalled=until_recalled)
     service = Service(settings)

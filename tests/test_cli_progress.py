@@ -123,7 +123,10 @@ class FakeService:
     def __init__(self, settings):
         self.step = 0
 
+    queued: list = []
+
     def train(self, pack, options):
+        FakeService.queued.append(options)
         return {"id": 7, "pack": pack, "status": "queued", "step": 0, "total_steps": None}
 
     def wait(self, job_id, poll=1.0, on_update=None):
@@ -169,3 +172,11 @@ def test_train_wait_json_is_the_final_job_alone_on_a_terminal_too(monkeypatch, t
     out = train(monkeypatch, "--json")
     assert out.stdout == json.dumps(FINAL, ensure_ascii=False) + "\n"
     assert out.stderr == ""
+
+
+def test_train_passes_the_learning_rate_schedule_on_to_the_job(monkeypatch, tmp_path):
+    monkeypatch.setenv("ENGRAM_HOME", str(tmp_path))
+    train(monkeypatch, "--json", "--lr-final", "0.5")
+    assert FakeService.queued[-1].lr_final == 0.5
+    train(monkeypatch, "--json")
+    assert FakeService.queued[-1].lr_final == 0.1  # the default: a decaying rate

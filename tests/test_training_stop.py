@@ -246,3 +246,79 @@ def test_micro_batches_give_the_loss_and_gradients_of_the_whole_batch(tiny_model
     assert len(whole) > 1 + (mode == "engram+lora")  # the table, the gates and convolution, LoRA's weights
     for name in whole:
         assert torch.allclose(split[name], whole[name], atol=1e-6, rtol=1e-4), name
+
+
+def _tiny_trainer_parts(tiny_model_dir, seed: int = 0):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engram_app.engram import EngramConfig
+    from engram_app.training import adapters
+    from engram_app.training.packs import PackConfig
+    from engram_app.training.text import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).requires_grad_(False)
+    config = PackConfig(mode="engram+lora", lora_r=4,
+                        engram=EngramConfig(layers=[1], heads=2, rows_per_head=101, head_dim=4).to_dict())
+    adapted = adapters.attach(base, tokenizer, config)
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for length in (12, 9, 15, 11, 10, 13):
+        ids = torch.randint(3, len(tokenizer), (length,), generator=generator).tolist()
+        examples.append(Example(ids=ids, labels=list(ids), source_id=1, kind="chat"))
+    return adapted, tokenizer, examples
+
+
+def test_the_learning_rate_falls_linearly_to_lr_final_over_the_step_cap_and_resumes_on_schedule(
+        tiny_model_dir, tmp_path):
+    from engram_app.engram.optim import RowwiseAdam
+    from engram_app.training.trainer import Trainer, lr_factor
+
+    assert lr_factor(0, 5, 0.1) == 1.0 and lr_factor(4, 5, 0.1) == pytest.approx(0.1)
+    assert lr_factor(2, 5, 0.1) == pytest.approx(0.55) and lr_factor(9, 5, 0.1) == pytest.approx(0.1)
+    assert lr_factor(3, 5, 1.0) == 1.0 and lr_factor(0, 1, 0.1) == 1.0
+    options = TrainOptions(max_steps=5, lr=2e-2, lora_lr=4e-3, batch_size=2, lr_final=0.1)
+
+    adapted, tokenizer, examples = _tiny_trainer_parts(tiny_model_dir)
+    reported = []
+    straight = Trainer(adapted, tokenizer, examples, options, on_step=lambda r: reported.append(r.lr))
+    straight.run()
+    assert reported == pytest.approx([2e-2 * f for f in (1.0, 0.775, 0.55, 0.325, 0.1)])
+    table, adamw = straight.optimizer.optimizers
+    assert isinstance(table, RowwiseAdam)
+    assert table.lr == pytest.approx(2e-2 * adapted.memory.config.table_lr_scale * 0.1)
+    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([2e-3, 4e-4])  # dense parts, then LoRA
+    adapted.save(tmp_path / "straight")
+    expected = adapter_tensors(tmp_path / "straight")
+
+    # Stopped after two steps and resumed from the checkpoint by a fresh trainer (and optimiser).
+    adapted, tokenizer, examples = _tiny_trainer_parts(tiny_model_dir)
+    first = Trainer(adapted, tokenizer, examples, TrainOptions(**{**options.to_json(), "max_steps": 5}),
+                    checkpoint_dir=tmp_path / "checkpoint", should_stop=lambda: first.step >= 2)
+    assert first.run() == "stopped"
+    first.save_checkpoint()
+    resumed = Trainer(adapted, tokenizer, examples, options, checkpoint_dir=tmp_path / "checkpoint")
+    resumed.load_optimizer(tmp_path / "checkpoint")
+    assert resumed.step == 2 and resumed.run() == "finished"
+    adapted.save(tmp_path / "resumed")
+    state = adapter_tensors(tmp_path / "resumed")
+    assert state.keys() == expected.keys() and len(expected) > 2
+    for key in expected:
+        assert torch.allclose(state[key], expected[key], atol=1e-7), key
+
+    # A constant rate would have ended elsewhere: the schedule is what the run above followed.
+    adapted, tokenizer, examples = _tiny_trainer_parts(tiny_model_dir)
+    Trainer(adapted, tokenizer, examples, TrainOptions(**{**options.to_json(), "lr_final": 1.0})).run()
+    adapted.save(tmp_path / "constant")
+    constant = adapter_tensors(tmp_path / "constant")
+    assert any(not torch.allclose(constant[k], expected[k], atol=1e-7) for k in expected)
+
+
+def test_a_job_queued_before_the_decaying_learning_rate_resumes_with_a_constant_one():
+    assert TrainOptions().lr_final == 0.1
+    assert TrainOptions.from_json({"epochs": 1}).lr_final == 1.0
+    assert TrainOptions.from_json(TrainOptions(lr_final=0.3).to_json()).lr_final == 0.3
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(Exception, match="final learning rate"):
+            TrainOptions(lr_final=bad)

@@ -122,6 +122,16 @@ class EngramOptimizer:
             self.optimizers.append(torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay))
         if not self.optimizers:
             raise ValueError("nothing to train: no memory and no trainable parameters")
+        self.set_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
+
+    def scale_lr(self, factor: float) -> None:
+        """Every learning rate at ``factor`` x the one it was made with (a schedule's step)."""
+        for opt, lrs in zip(self.optimizers, self.set_lrs):
+            if isinstance(opt, RowwiseAdam):
+                opt.lr = lrs[0] * factor
+            else:
+                for group, lr in zip(opt.param_groups, lrs):
+                    group["lr"] = lr * factor
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

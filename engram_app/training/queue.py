@@ -54,6 +54,10 @@ class TrainOptions:
     # recalled, up to this many passes: a fixed epoch count ended Engram jobs with facts half-learned
     # (docs/BENCHMARKS.md, stop 27). None: ``epochs`` is the cap, as for jobs queued before.
     recall_epochs: float | None = 24.0
+    # The learning rate falls linearly over the step cap, to this fraction of ``lr`` (and ``lora_lr``)
+    # at the last step: recall 0.61 -> 0.82 of the tuning people's profiles, the same retention cost
+    # (docs/BENCHMARKS.md, stop 31). 1.0: a constant rate, as for jobs queued before.
+    lr_final: float = 0.1
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
@@ -64,6 +68,8 @@ class TrainOptions:
             raise EngramError("recall checks must be at least 1 step apart.")
         if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
             raise EngramError("batch size, epochs and learning rate must be positive.")
+        if not 0 < self.lr_final <= 1:
+            raise EngramError("the final learning rate is a fraction of the first: more than 0, at most 1.")
         if self.recall_epochs is not None and self.recall_epochs <= 0:
             raise EngramError("the passes allowed until the facts are recalled must be positive.")
 
@@ -72,11 +78,12 @@ class TrainOptions:
 
     @classmethod
     def from_json(cls, data: dict) -> TrainOptions:
-        """A stored job's options. A job queued before anchors (or ``recall_epochs``) existed trains
-        without them, so that one resumed from its checkpoint draws the very batches, and plans the
-        very steps, it was drawing."""
+        """A stored job's options. A job queued before anchors (or ``recall_epochs``, or the decaying
+        learning rate) existed trains without them, so that one resumed from its checkpoint draws the
+        very batches, plans the very steps and takes the very step sizes it was taking."""
         known = {f.name for f in fields(cls)}
-        return cls(**{"anchors": 0.0, "recall_epochs": None, **{k: v for k, v in data.items() if k in known}})
+        old = {"anchors": 0.0, "recall_epochs": None, "lr_final": 1.0}
+        return cls(**{**old, **{k: v for k, v in data.items() if k in known}})
 
 
 class JobQueue:

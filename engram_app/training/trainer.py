@@ -66,6 +66,13 @@ def total_steps(options: TrainOptions, examples: int, until_recalled: bool = Fal
     return max(1, math.ceil(epochs * examples / options.batch_size))
 
 
+def lr_factor(step: int, total: int, final: float) -> float:
+    """The learning rate of step ``step`` (0-based) as a fraction of the one set: 1 at the first step,
+    falling linearly to ``final`` at the last of ``total``. A function of the step, so a resumed job
+    takes the very step sizes it was taking."""
+    return 1 - (1 - final) * min(step / max(total - 1, 1), 1.0)
+
+
 def batch_indices(count: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The examples of step ``step`` (0-based): a deterministic function of (count, seed, step)."""
     per_epoch = max(1, math.ceil(count / batch_size))
@@ -206,6 +213,8 @@ class Trainer:
                                                              self.options.seed)]
             self.optimizer.zero_grad()
             loss, tokens = self._forward_backward(batch, pad)
+            factor = lr_factor(self.step, self.total, self.options.lr_final)
+            self.optimizer.scale_lr(factor)
             self.optimizer.step()
             seconds = time.perf_counter() - started
             self.step += 1
@@ -216,7 +225,7 @@ class Trainer:
             if left is not None:
                 eta = min(eta, max(left, 0.0))
             if self.on_step:
-                self.on_step(StepReport(self.step, self.total, loss, self.options.lr, tokens / max(seconds, 1e-9),
+                self.on_step(StepReport(self.step, self.total, loss, self.options.lr * factor, tokens / max(seconds, 1e-9),
                                         self.elapsed, eta, self.optimizer.rows_touched))
             if self.checkpoint_dir is not None and time.monotonic() - last_checkpoint >= self.options.checkpoint_seconds:
                 self.save_checkpoint()
