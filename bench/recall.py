@@ -361,6 +361,8 @@ def main() -> None:
                         help="anchor examples (the base model's own replies) per new example, at most 16")
     parser.add_argument("--skip-template", action="store_true",
                         help="a lever not adopted: memories whose n-grams skip the chat template's tokens")
+    parser.add_argument("--lr", type=float, default=TrainOptions.lr,
+                        help="the learning rate of the dense parts (tables train at 5x), TrainOptions.lr")
     parser.add_argument("--lr-final", "--lr-decay", dest="lr_final", type=float, default=TrainOptions.lr_final,
                         metavar="FINAL", help="the learning rate falls linearly to FINAL x the first over a job's "
                         "step cap (TrainOptions.lr_final; 1: constant, as before stop 32)")
@@ -375,11 +377,11 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
     if args.steps is not None:
         options = TrainOptions(max_steps=args.steps, evaluate=True, anchors=args.anchors,
-                               lr_final=args.lr_final)
+                               lr=args.lr, lr_final=args.lr_final)
         budget = f"steps{args.steps}"
     else:
         options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True, anchors=args.anchors,
-                               lr_final=args.lr_final)
+                               lr=args.lr, lr_final=args.lr_final)
         budget = args.budget
 
     people = people_of(args.data, args.people, args.split)
@@ -404,6 +406,7 @@ def main() -> None:
     controls = shared.controls or []
     lines = table(args, methods, tallies, people, asked, controls, lora_r, budget, model)
     levers = ("-skip-template" if args.skip_template else "") + \
+        (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
     publish(f"recall-{args.split}-{budget}-{args.source}{levers}", lines)
