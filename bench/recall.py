@@ -366,10 +366,14 @@ def main() -> None:
     parser.add_argument("--lr-final", "--lr-decay", dest="lr_final", type=float, default=TrainOptions.lr_final,
                         metavar="FINAL", help="the learning rate falls linearly to FINAL x the first over a job's "
                         "step cap (TrainOptions.lr_final; 1: constant, as before stop 32)")
+    parser.add_argument("--lr-horizon", type=int, default=None, metavar="STEPS",
+                        help="a lever measured: the rate reaches --lr-final at step STEPS, not at the step cap")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
         held_out_levers.skip_template()
+    if args.lr_horizon is not None:
+        held_out_levers.lr_horizon(args.lr_horizon)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -406,6 +410,7 @@ def main() -> None:
     controls = shared.controls or []
     lines = table(args, methods, tallies, people, asked, controls, lora_r, budget, model)
     levers = ("-skip-template" if args.skip_template else "") + \
+        (f"-lr-horizon{args.lr_horizon}" if args.lr_horizon is not None else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
