@@ -10,8 +10,7 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   going on after "recalled twice in a row" until ``consolidate`` x the steps it took;
 - ``skip_template``: new packs' memories key their n-grams past the chat template's tokens
   (``EngramConfig.skip_template``: a reply's first token keyed on the question's last words;
-  ``bench/recall.py --skip-template``, stop 29).
-
+  ``bench/recall.py --skip-template``, stop 29);
 - ``lr_horizon(steps)``: the decaying rate reaches its final fraction at step ``steps`` instead of
   at the job's step cap (``bench/recall.py --lr-horizon 40``, stop 32).
 

@@ -290,7 +290,7 @@ def memory_flow(page, url: str, tmp_path: Path, pack: str, steps: int | None, pr
     # Polled once a second: the default, every animation frame, kept the browser's renderer busy on
     # the cores the training worker needs for the minutes a job runs.
     page.wait_for_function(f"() => {text_of('#train-progress')}.includes('done')", timeout=2_700_000,
-                           polling=1000)  # a watchdog only: the job is bounded by steps (40 steps took 15+ min with a busy process beside the suite; the cap is 60 now)
+                           polling=1000)  # a watchdog only: the job is bounded by steps (40 steps took 15+ min with a busy process beside the suite)
     assert "wrote version 1" in page.locator("#train-progress").inner_text()
     page.wait_for_function(f"() => {text_of('#train-versions')}.includes('yes')", timeout=30_000)
     assert "version 1 written and active" in page.locator("#train-log textarea").input_value()

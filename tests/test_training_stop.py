@@ -248,7 +248,7 @@ def test_micro_batches_give_the_loss_and_gradients_of_the_whole_batch(tiny_model
         assert torch.allclose(split[name], whole[name], atol=1e-6, rtol=1e-4), name
 
 
-def _tiny_trainer_parts(tiny_model_dir, seed: int = 0):
+def _tiny_trainer_parts(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engram_app.engram import EngramConfig
@@ -257,7 +257,7 @@ def _tiny_trainer_parts(tiny_model_dir, seed: int = 0):
     from engram_app.training.text import Example
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).requires_grad_(False)
     config = PackConfig(mode="engram+lora", lora_r=4,
                         engram=EngramConfig(layers=[1], heads=2, rows_per_head=101, head_dim=4).to_dict())
@@ -294,7 +294,7 @@ def test_the_learning_rate_falls_linearly_to_lr_final_over_the_step_cap_and_resu
 
     # Stopped after two steps and resumed from the checkpoint by a fresh trainer (and optimiser).
     adapted, tokenizer, examples = _tiny_trainer_parts(tiny_model_dir)
-    first = Trainer(adapted, tokenizer, examples, TrainOptions(**{**options.to_json(), "max_steps": 5}),
+    first = Trainer(adapted, tokenizer, examples, options,
                     checkpoint_dir=tmp_path / "checkpoint", should_stop=lambda: first.step >= 2)
     assert first.run() == "stopped"
     first.save_checkpoint()
