@@ -12,7 +12,11 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   (``EngramConfig.skip_template``: a reply's first token keyed on the question's last words;
   ``bench/recall.py --skip-template``, stop 29);
 - ``lr_horizon(steps)``: the decaying rate reaches its final fraction at step ``steps`` instead of
-  at the job's step cap (``bench/recall.py --lr-horizon 40``, stop 32).
+  at the job's step cap (``bench/recall.py --lr-horizon 40``, stop 32);
+- ``ask_frames(frame)``: each fact pattern trained with one more question, the pattern's question
+  asked inside a yes/no frame ("Can you tell me what I like?"), so that the memory learns to
+  answer a question that does not start with "What"/"Where" (``bench/recall.py --ask-frame``,
+  stop 33).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -103,3 +107,24 @@ def lr_horizon(steps: int) -> None:
         return schedule(step, min(total, steps), final)
 
     trainer.lr_factor = sooner
+
+
+# What each fact pattern (text._PATTERNS, in order) asks, as an embedded question: "what I {verb}".
+_EMBEDDED = (
+    "what my {thing} {verb} called", "my name", "what my {thing} {verb}", "what my {thing} is called",
+    "where I live", "what I do for a living", "where I work", "when I was born", "where I was born",
+    "where I grew up", "what I {verb}", "where I'm from", "how many {thing} I have", "what I have",
+)
+
+
+def ask_frames(frame: str = "Can you tell me {q}?") -> None:
+    """Each fact pattern trained with one more question: its embedded question inside ``frame``
+    (none where that is one of the pattern's held-out questions)."""
+    patterns = text._PATTERNS
+    assert len(patterns) == len(_EMBEDDED), "a fact pattern without an embedded question"
+    for i, (pattern, embedded) in enumerate(zip(patterns, _EMBEDDED)):
+        asked = frame.format(q=embedded)
+        if asked.lower() in {q.lower() for q in pattern.held_out}:
+            continue  # never train a held-out question ("Do you know my name?")
+        patterns[i] = text.FactPattern(pattern.regex, pattern.questions + (asked,), pattern.answers,
+                                       pattern.held_out)

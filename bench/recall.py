@@ -368,12 +368,17 @@ def main() -> None:
                         "step cap (TrainOptions.lr_final; 1: constant, as before stop 32)")
     parser.add_argument("--lr-horizon", type=int, default=None, metavar="STEPS",
                         help="a lever measured: the rate reaches --lr-final at step STEPS, not at the step cap")
+    parser.add_argument("--ask-frame", default=None, metavar="FRAME",
+                        help="a lever measured: each fact pattern also trained with its question inside FRAME, "
+                        "e.g. 'Can you tell me {q}?' ({q}: 'what I like')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
         held_out_levers.skip_template()
     if args.lr_horizon is not None:
         held_out_levers.lr_horizon(args.lr_horizon)
+    if args.ask_frame:
+        held_out_levers.ask_frames(args.ask_frame)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -411,6 +416,7 @@ def main() -> None:
     lines = table(args, methods, tallies, people, asked, controls, lora_r, budget, model)
     levers = ("-skip-template" if args.skip_template else "") + \
         (f"-lr-horizon{args.lr_horizon}" if args.lr_horizon is not None else "") + \
+        ("-ask-frame" if args.ask_frame else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")

@@ -18,6 +18,7 @@ converted copy well under a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -42,6 +43,10 @@ BUNDLED_NAME = "smollm2-135m-instruct"
 # Written next to a converted model; tells whether the cached copy still matches its source.
 CONVERSION_MARKER = "engram_conversion.json"
 CONVERSION_FORMAT = 1
+# The GGUF's size and a hash of its first and last MiB name its content (the header holds every
+# tensor's name, shape and offset): the same file elsewhere (another venv or checkout sharing
+# one models folder) is the same source, and a changed one is not. Not its path or mtime.
+_FINGERPRINT_SPAN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,14 @@ def resolve_model(spec: str | None) -> ModelSource:
 
 
 def _gguf_fingerprint(gguf: Path) -> dict:
-    stat = gguf.stat()
-    return {"format": CONVERSION_FORMAT, "source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(f.read(_FINGERPRINT_SPAN))
+        if size > 2 * _FINGERPRINT_SPAN:
+            f.seek(size - _FINGERPRINT_SPAN)
+        digest.update(f.read())
+    return {"format": CONVERSION_FORMAT, "size": size, "sha256_head_tail": digest.hexdigest()}
 
 
 def converted_dir(models_dir: Path, source: ModelSource) -> Path:

@@ -1,3 +1,6 @@
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -5,7 +8,8 @@ import pytest
 import torch
 
 from engram_app.errors import EngramError
-from engram_app.models import BUNDLED_NAME, bundled_gguf, load_base_model, resolve_model
+from engram_app.models import (BUNDLED_NAME, CONVERSION_MARKER, _gguf_fingerprint, bundled_gguf, is_converted,
+                               load_base_model, resolve_model)
 from engram_app.settings import resolve_device
 
 
@@ -23,6 +27,28 @@ def test_default_resolves_to_bundled_gguf():
     assert source.kind == "gguf" and source.name == BUNDLED_NAME
     assert str(bundled_gguf()) == source.location
     assert resolve_model("default") == source
+
+
+def test_a_converted_model_belongs_to_the_gguf_content_not_its_path(tmp_path):
+    # Two venvs or checkouts sharing one models folder hold the same GGUF at two paths (and mtimes):
+    # the conversion is the same one, and a GGUF with other content is not.
+    first = tmp_path / "venv1" / "model.gguf"
+    first.parent.mkdir()
+    first.write_bytes(os.urandom(3 << 20))
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    (folder / CONVERSION_MARKER).write_text(json.dumps(_gguf_fingerprint(first)))
+    second = tmp_path / "venv2" / "model.gguf"
+    second.parent.mkdir()
+    shutil.copyfile(first, second)
+    os.utime(second, (1, 1))
+    assert is_converted(folder, first) and is_converted(folder, second)
+    changed = bytearray(first.read_bytes())
+    changed[100] ^= 1  # the header
+    second.write_bytes(bytes(changed))
+    assert not is_converted(folder, second)
+    second.write_bytes(first.read_bytes() + b"\0")
+    assert not is_converted(folder, second)
 
 
 def test_missing_model_names_what_was_tried(tmp_path):
