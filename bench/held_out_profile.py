@@ -71,9 +71,9 @@ def main() -> None:
         held_out_levers.more_frames()
     if args.cool != 1.0 or args.consolidate != 1.0:
         held_out_levers.recall_stop(args.cool, args.consolidate)
-    levers = "".join([" --frames" if args.frames else "", f" --cool {args.cool:g}" if args.cool != 1.0 else "",
-                      f" --consolidate {args.consolidate:g}" if args.consolidate != 1.0 else "",
-                      f" --ask-frame '{args.ask_frame}'" if args.ask_frame else ""])
+    flags = "".join([" --frames" if args.frames else "", f" --cool {args.cool:g}" if args.cool != 1.0 else "",
+                     f" --consolidate {args.consolidate:g}" if args.consolidate != 1.0 else ""])
+    levers = flags + (f" --ask-frame '{args.ask_frame}'" if args.ask_frame else "")
 
     trained = {q for fact in FACTS for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
     assert not trained & {p.prompt for p in ASKED}, "a held-out question is a training question"
@@ -111,8 +111,7 @@ def main() -> None:
           for p, a, b in zip(probes, on, off)),
     ]
     publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else "")
-            + levers.split(" --ask-frame")[0].replace(" --", "-").replace(" ", "")
-            + ("-ask-frame" if args.ask_frame else ""), lines)
+            + flags.replace(" --", "-").replace(" ", "") + ("-ask-frame" if args.ask_frame else ""), lines)
 
 
 if __name__ == "__main__":
