@@ -16,7 +16,10 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
 - ``ask_frames(frame)``: each fact pattern trained with one more question, the pattern's question
   asked inside a yes/no frame ("Can you tell me what I like?"), so that the memory learns to
   answer a question that does not start with "What"/"Where" (``bench/recall.py --ask-frame``,
-  stop 33).
+  stop 33);
+- ``retrieval_you(header)``: the retrieval mode's lines put into the system message in the second
+  person, as the memory answers ("I drive a bmw." -> "- You drive a bmw."), under ``header``
+  (``bench/recall.py --retrieval-you``, stop 34).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from engram_app.inference import prompting
 from engram_app.training import runner, sizes, text, trainer
 from engram_app.training.evaluate import recalled
 from engram_app.training.trainer import Trainer
@@ -128,3 +132,17 @@ def ask_frames(frame: str = "Can you tell me {q}?") -> None:
             continue  # never train a held-out question ("Do you know my name?")
         patterns[i] = text.FactPattern(pattern.regex, pattern.questions + (asked,), pattern.answers,
                                        pattern.held_out)
+
+
+def retrieval_you(header: str = "What you know about the user:") -> None:
+    """The retrieved lines in the second person under ``header`` (inference/prompting.retrieval_message):
+    with the user's own first-person lines in the prompt the reply takes their first person
+    ("Do you remember what I drive?" -> "I'm a car driver."), where the memory says "You drive a bmw."."""
+
+    def message(retrieved):
+        if not retrieved:
+            return None
+        lines = "\n".join(f"- {text.second_person(' '.join(hit['text'].split()))}" for hit in retrieved)
+        return prompting.Message("system", f"{header}\n{lines}")
+
+    prompting.retrieval_message = message

@@ -371,6 +371,8 @@ def main() -> None:
     parser.add_argument("--ask-frame", default=None, metavar="FRAME",
                         help="a lever measured: each fact pattern also trained with its question inside FRAME, "
                         "e.g. 'Can you tell me {q}?' ({q}: 'what I like')")
+    parser.add_argument("--retrieval-you", action="store_true",
+                        help="a lever measured: retrieval's lines in the second person ('You drive a bmw.')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -379,6 +381,8 @@ def main() -> None:
         held_out_levers.lr_horizon(args.lr_horizon)
     if args.ask_frame:
         held_out_levers.ask_frames(args.ask_frame)
+    if args.retrieval_you:
+        held_out_levers.retrieval_you()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -417,6 +421,7 @@ def main() -> None:
     levers = ("-skip-template" if args.skip_template else "") + \
         (f"-lr-horizon{args.lr_horizon}" if args.lr_horizon is not None else "") + \
         ("-ask-frame" if args.ask_frame else "") + \
+        ("-retrieval-you" if args.retrieval_you else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
