@@ -29,6 +29,17 @@ def _memory_step_as_each_test_sets_it():
     EngramBlock.native = before
 
 
+@pytest.fixture(autouse=True)
+def _pages_closed_after_each_browser_test(request):
+    """Every page a browser test opened is closed when it ends: an open page of the app polls it every
+    second (the Train tab's job timer), keeping a Chromium renderer and the app's server busy on the
+    cores that the next tests train on."""
+    yield
+    browser = request.node.funcargs.get("browser")  # absent where the test had no browser (or was skipped)
+    for context in browser.contexts if browser is not None else ():
+        context.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama-family model folder with a real (small) BPE tokenizer."""
