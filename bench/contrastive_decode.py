@@ -46,8 +46,9 @@ PLAUSIBLE_NATS = 10.0
 
 
 @torch.no_grad()
-def contrastive_reply(runtime, question: str, alpha: float, max_new_tokens: int) -> str:
-    """The greedy reply to ``question`` scoring each token by log p_on + alpha (log p_on - log p_off)."""
+def contrastive_reply(runtime, question: str, alpha: float, max_new_tokens: int, first: int | None = None) -> str:
+    """The greedy reply to ``question`` scoring each token by log p_on + alpha (log p_on - log p_off);
+    with ``first``, only the reply's first ``first`` tokens (plain greedy after them)."""
     model, adapted = runtime.model, runtime.adapted
     ids = runtime.chat_ids([Message("user", question)])
     new: list[int] = []
@@ -55,7 +56,7 @@ def contrastive_reply(runtime, question: str, alpha: float, max_new_tokens: int)
         x = torch.tensor([ids])
         on = torch.log_softmax(model(input_ids=x).logits[0, -1].float(), -1)
         score = on
-        if alpha:
+        if alpha and (first is None or len(new) < first):
             with adapted.off():
                 off = torch.log_softmax(model(input_ids=x).logits[0, -1].float(), -1)
             score = on + alpha * (on - off)
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="the cap on each job's training steps")
     parser.add_argument("--alphas", default="0,0.5,1", help="contrast weights; 0 is plain greedy decoding")
     parser.add_argument("--tokens", type=int, default=40, help="new tokens per reply at most")
+    parser.add_argument("--first", type=int, default=None,
+                        help="contrast only the reply's first FIRST tokens (where the echo of the question starts)")
     parser.add_argument("--keep", type=Path, default=None, help="keep (and reuse) each person's data root here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -101,14 +104,14 @@ def main() -> None:
             for alpha in alphas:
                 tally = tallies[alpha]
                 for probe in person.probes:
-                    reply = contrastive_reply(runtime, probe["prompt"], alpha, args.tokens)
+                    reply = contrastive_reply(runtime, probe["prompt"], alpha, args.tokens, args.first)
                     hit = contains_answer(reply, probe["answer"])
                     tally[0] += hit
                     tally[1] += 1
                     log.info("row %d, alpha %g: %r -> %r (%s)", person.row, alpha, probe["prompt"], reply,
                              "hit" if hit else "miss")
                 for question, spellings in CONTROLS:
-                    reply = contrastive_reply(runtime, question, alpha, args.tokens)
+                    reply = contrastive_reply(runtime, question, alpha, args.tokens, args.first)
                     right = control_right(reply, spellings)
                     tally[2] += right
                     tally[3] += 1
@@ -120,15 +123,16 @@ def main() -> None:
                 shutil.rmtree(home, ignore_errors=True)  # the models symlink is removed, not followed
 
     base = tallies[alphas[0]]
-    lines = [f"Split {args.split}, {len(people)} people, profiles, step-bounded ({args.steps} at most; "
-             f"{f'jobs trained here: mean {sum(steps) / len(steps):.0f} steps' if steps else 'packs of an earlier run'}), greedy fp32, "
-             f"{args.tokens} tokens; controls: all {len(CONTROLS)} per person (memory on).", "",
+    packs_from = f"jobs trained here: mean {sum(steps) / len(steps):.0f} steps" if steps else "packs of an earlier run"
+    contrast = f", contrast on the first {args.first}" if args.first else ""
+    lines = [f"Split {args.split}, {len(people)} people, profiles, step-bounded ({args.steps} at most; {packs_from}), "
+             f"greedy fp32, {args.tokens} tokens{contrast}; controls: all {len(CONTROLS)} per person (memory on).", "",
              "| alpha | recall | controls | recall vs alpha " + f"{alphas[0]:g} | controls vs alpha {alphas[0]:g} |",
              "|---|---|---|---|---|"]
     for alpha, (hits, probes, right, controls) in tallies.items():
         lines.append(f"| {alpha:g} | {hits / max(1, probes):.2f} ({hits}/{probes}) | {right}/{controls} | "
                      f"{hits / max(1, base[0]):.2f}x | {right / max(1, base[2]):.2f}x |")
-    publish(f"contrastive_decode-{args.split}", lines)
+    publish(f"contrastive_decode-{args.split}" + (f"-first{args.first}" if args.first else ""), lines)
 
 
 if __name__ == "__main__":
