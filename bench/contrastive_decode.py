@@ -25,7 +25,6 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.recall import (CONTROLS, Shared, add_people_arguments, choose_probes, control_right,  # noqa: E402
                           import_person, people_of, train)
 from bench.results_table import publish  # noqa: E402
+from bench.train_recall import scratch_service  # noqa: E402
 from engram_app.inference import Message  # noqa: E402
-from engram_app.service import Service  # noqa: E402
-from engram_app.settings import Settings, default_home  # noqa: E402
 from engram_app.training import TrainOptions  # noqa: E402
 from engram_app.training.evaluate import contains_answer  # noqa: E402
 
@@ -88,12 +86,8 @@ def main() -> None:
     tallies = {alpha: [0, 0, 0, 0] for alpha in alphas}  # hits, probes, controls right, controls
     shared, steps = Shared(), []
     for person in [p for p in people if p.probes]:
-        home = (args.keep / f"{args.split}-{person.row}") if args.keep else Path(tempfile.mkdtemp(prefix="engram-cd-"))
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "models").exists():
-            (home / "models").symlink_to((default_home() / "models").resolve())
+        service, home = scratch_service("cpu", args.keep / f"{args.split}-{person.row}" if args.keep else None)
         try:
-            service = Service(Settings(home=home, device="cpu"))
             trained = home / "bench-trained"  # written once the person's pack is trained (--keep reuses it)
             if not trained.is_file():
                 import_person(service, home, person, "profile")

@@ -139,10 +139,10 @@ def retrieval_you(header: str = "What you know about the user:") -> None:
     with the user's own first-person lines in the prompt the reply takes their first person
     ("Do you remember what I drive?" -> "I'm a car driver."), where the memory says "You drive a bmw."."""
 
+    app_message = prompting.retrieval_message
+
     def message(retrieved):
-        if not retrieved:
-            return None
-        lines = "\n".join(f"- {text.second_person(' '.join(hit['text'].split()))}" for hit in retrieved)
-        return prompting.Message("system", f"{header}\n{lines}")
+        system = app_message([{**hit, "text": text.second_person(hit["text"])} for hit in retrieved])
+        return system and prompting.Message(system.role, system.content.replace(prompting.RETRIEVAL_HEADER, header, 1))
 
     prompting.retrieval_message = message

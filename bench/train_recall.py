@@ -45,10 +45,13 @@ def personas(data: Path, count: int) -> list[list[str]]:
     return out
 
 
-def scratch_service(device: str) -> tuple[Service, Path]:
-    """A service on a new temporary data root that reuses the converted model of the default one."""
-    home = Path(tempfile.mkdtemp(prefix="engram-bench-"))
-    (home / "models").symlink_to((default_home() / "models").resolve())
+def scratch_service(device: str, home: Path | None = None) -> tuple[Service, Path]:
+    """A service on a new temporary data root (or on ``home``, made if missing) that reuses the
+    converted model of the default one."""
+    home = Path(tempfile.mkdtemp(prefix="engram-bench-")) if home is None else home
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to((default_home() / "models").resolve())
     return Service(Settings(home=home, device=device)), home
 
 
