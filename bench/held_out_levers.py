@@ -19,7 +19,11 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   stop 33);
 - ``retrieval_you(header)``: the retrieval mode's lines put into the system message in the second
   person, as the memory answers ("I drive a bmw." -> "- You drive a bmw."), under ``header``
-  (``bench/recall.py --retrieval-you``, stop 34).
+  (``bench/recall.py --retrieval-you``, stop 34);
+- ``you_told(frame)``: each fact pattern trained with one more answer, its first answer inside
+  ``frame`` ("You told me your sister is a pole dancer."), so that a reply whose first token is
+  "You" (the frozen model's echo of "Do you remember my sister?") has a trained way on to the fact
+  (``bench/recall.py --you-told``, stop 35).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -146,3 +150,15 @@ def retrieval_you(header: str = "What you know about the user:") -> None:
         return system and prompting.Message(system.role, system.content.replace(prompting.RETRIEVAL_HEADER, header, 1))
 
     prompting.retrieval_message = message
+
+
+def you_told(frame: str = "You told me {answer}") -> None:
+    """Each fact pattern trained with one more answer: its first answer inside ``frame``, which starts
+    with "You" ("You told me your sister is a pole dancer."). The held-out echo ("Do you remember my
+    sister?" -> "You remember your sister?") starts "You" where every trained answer but a few
+    starts "Your": nothing was trained for the token after it."""
+    patterns = text._PATTERNS
+    for i, pattern in enumerate(patterns):
+        first = pattern.answers[0]
+        told = frame.format(answer=first[:1].lower() + first[1:])
+        patterns[i] = text.FactPattern(pattern.regex, pattern.questions, pattern.answers + (told,), pattern.held_out)

@@ -373,6 +373,8 @@ def main() -> None:
                         "e.g. 'Can you tell me {q}?' ({q}: 'what I like')")
     parser.add_argument("--retrieval-you", action="store_true",
                         help="a lever measured: retrieval's lines in the second person ('You drive a bmw.')")
+    parser.add_argument("--you-told", action="store_true",
+                        help="a lever measured: each fact also answered 'You told me your sister is a pole dancer.'")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -383,6 +385,8 @@ def main() -> None:
         held_out_levers.ask_frames(args.ask_frame)
     if args.retrieval_you:
         held_out_levers.retrieval_you()
+    if args.you_told:
+        held_out_levers.you_told()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -422,6 +426,7 @@ def main() -> None:
         (f"-lr-horizon{args.lr_horizon}" if args.lr_horizon is not None else "") + \
         ("-ask-frame" if args.ask_frame else "") + \
         ("-retrieval-you" if args.retrieval_you else "") + \
+        ("-you-told" if args.you_told else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
