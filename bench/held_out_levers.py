@@ -23,7 +23,11 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
 - ``you_told(frame)``: each fact pattern trained with one more answer, its first answer inside
   ``frame`` ("You told me your sister is a pole dancer."), so that a reply whose first token is
   "You" (the frozen model's echo of "Do you remember my sister?") has a trained way on to the fact
-  (``bench/recall.py --you-told``, stop 35).
+  (``bench/recall.py --you-told``, stop 35);
+- ``trained_with_retrieval()``: each question-and-answer phrasing of a fact trained a second time
+  with the fact's own line in the retrieval mode's system message, as memory + retrieval asks it,
+  so that the memory learns to answer in the second person while the user's first-person lines
+  are in the prompt (``bench/recall.py --trained-with-retrieval``, stop 35).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -33,7 +37,7 @@ from __future__ import annotations
 import math
 
 from engram_app.inference import prompting
-from engram_app.training import runner, sizes, text, trainer
+from engram_app.training import dataset, runner, sizes, text, trainer
 from engram_app.training.evaluate import recalled
 from engram_app.training.trainer import Trainer
 
@@ -162,3 +166,33 @@ def you_told(frame: str = "You told me {answer}") -> None:
         first = pattern.answers[0]
         told = frame.format(answer=first[:1].lower() + first[1:])
         patterns[i] = text.FactPattern(pattern.regex, pattern.questions, pattern.answers + (told,), pattern.held_out)
+
+
+def trained_with_retrieval(which: str = "all") -> None:
+    """Question-and-answer phrasings of a fact also trained under the system message that memory +
+    retrieval would put first, holding the fact's own line (prompting.retrieval_message). With the
+    user's first-person lines in the prompt the frozen model answers in their first person ("I'm a
+    car driver."), where the memory was trained without them to answer "You drive a bmw.".
+
+    ``which``: "all" the fact's question-and-answer phrasings, "first-question" those asking its
+    pattern's first question, "first-answer" those answering with its pattern's first answer."""
+    phrasings = text.fact_phrasings
+
+    def chosen(fact: str, conversation: list[dict]) -> bool:
+        if conversation[0]["role"] != "user":
+            return False
+        pairs = text.fact_training_pairs(text._sentence(fact))
+        if which == "first-question":
+            return bool(pairs) and conversation[0]["content"] == pairs[0][0]
+        if which == "first-answer":
+            return bool(pairs) and conversation[1]["content"] == pairs[0][1]
+        return True
+
+    def with_retrieval(fact: str) -> list[list[dict]]:
+        conversations = phrasings(fact)
+        system = prompting.retrieval_message([{"text": fact}])
+        asked = [c for c in conversations if chosen(fact, c)]
+        return conversations + [[{"role": "system", "content": system.content}, *c] for c in asked]
+
+    text.fact_phrasings = with_retrieval
+    dataset.fact_phrasings = with_retrieval  # imported by name there

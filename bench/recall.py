@@ -375,6 +375,10 @@ def main() -> None:
                         help="a lever measured: retrieval's lines in the second person ('You drive a bmw.')")
     parser.add_argument("--you-told", action="store_true",
                         help="a lever measured: each fact also answered 'You told me your sister is a pole dancer.'")
+    parser.add_argument("--trained-with-retrieval", nargs="?", const="all", default=None,
+                        choices=("all", "first-question", "first-answer"),
+                        help="a lever measured: a fact's questions (all, or those with its first question or "
+                        "answer) also trained with its line in retrieval's system message")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -387,6 +391,8 @@ def main() -> None:
         held_out_levers.retrieval_you()
     if args.you_told:
         held_out_levers.you_told()
+    if args.trained_with_retrieval:
+        held_out_levers.trained_with_retrieval(args.trained_with_retrieval)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -427,6 +433,7 @@ def main() -> None:
         ("-ask-frame" if args.ask_frame else "") + \
         ("-retrieval-you" if args.retrieval_you else "") + \
         ("-you-told" if args.you_told else "") + \
+        (f"-trained-with-retrieval-{args.trained_with_retrieval}" if args.trained_with_retrieval else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
