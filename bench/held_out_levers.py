@@ -27,7 +27,10 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
 - ``trained_with_retrieval()``: each question-and-answer phrasing of a fact trained a second time
   with the fact's own line in the retrieval mode's system message, as memory + retrieval asks it,
   so that the memory learns to answer in the second person while the user's first-person lines
-  are in the prompt (``bench/recall.py --trained-with-retrieval``, stop 35).
+  are in the prompt (``bench/recall.py --trained-with-retrieval``, stop 35);
+- ``stop_both_ways()``: the job's stop test asks each fact's trained question twice, memory alone
+  and under retrieval's system message holding the fact's line, and stops when both are recalled
+  with the margin (``bench/recall.py --stop-both-ways``, with ``--trained-with-retrieval``, stop 35).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -196,3 +199,35 @@ def trained_with_retrieval(which: str = "all") -> None:
 
     text.fact_phrasings = with_retrieval
     dataset.fact_phrasings = with_retrieval  # imported by name there
+
+
+def stop_both_ways() -> None:
+    """The job's stop test (runner.answer_margins as JobRunner._recall_check calls it) takes for each
+    probe the smaller margin of its question asked alone and asked under retrieval's system message
+    holding the probe's fact (None where either reply misses the answer)."""
+    from engram_app.training import evaluate
+
+    facts: dict[tuple[str, str], str] = {}
+    probes_of = text.fact_probes
+
+    def remembering(fact: str, source_id: int | None = None):
+        probes = probes_of(fact, source_id)
+        facts.update({(p.prompt, p.answer): fact for p in probes})
+        return probes
+
+    dataset.fact_probes = remembering
+    alone = runner.answer_margins
+
+    def both_ways(adapted, tokenizer, probes, max_new_tokens: int = 24, batch_size: int = 16):
+        plain = alone(adapted, tokenizer, probes, max_new_tokens, batch_size)
+        prompts = []
+        for probe in probes:
+            system = prompting.retrieval_message([{"text": facts.get((probe.prompt, probe.answer), "")}])
+            messages = [{"role": "system", "content": system.content}, {"role": "user", "content": probe.prompt}]
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompts.append(tokenizer.encode(rendered, add_special_tokens=False))
+        scored = evaluate.generate_batch_scored(adapted.model, tokenizer, prompts, max_new_tokens, batch_size)
+        asked = [evaluate.answer_gap(tokenizer, row, leads, p.answer) for p, (row, leads) in zip(probes, scored)]
+        return [None if a is None or b is None else min(a, b) for a, b in zip(plain, asked)]
+
+    runner.answer_margins = both_ways

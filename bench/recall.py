@@ -379,6 +379,9 @@ def main() -> None:
                         choices=("all", "first-question", "first-answer"),
                         help="a lever measured: a fact's questions (all, or those with its first question or "
                         "answer) also trained with its line in retrieval's system message")
+    parser.add_argument("--stop-both-ways", action="store_true",
+                        help="a lever measured: the stop test asks each question alone and under retrieval's "
+                        "system message holding its fact")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -393,6 +396,8 @@ def main() -> None:
         held_out_levers.you_told()
     if args.trained_with_retrieval:
         held_out_levers.trained_with_retrieval(args.trained_with_retrieval)
+    if args.stop_both_ways:
+        held_out_levers.stop_both_ways()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -434,6 +439,7 @@ def main() -> None:
         ("-retrieval-you" if args.retrieval_you else "") + \
         ("-you-told" if args.you_told else "") + \
         (f"-trained-with-retrieval-{args.trained_with_retrieval}" if args.trained_with_retrieval else "") + \
+        ("-stop-both-ways" if args.stop_both_ways else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
