@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BUSY = """
-import os, sys, torch
+import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 a = torch.randn(1024, 1024)
 while True:

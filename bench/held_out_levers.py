@@ -24,9 +24,9 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   ``frame`` ("You told me your sister is a pole dancer."), so that a reply whose first token is
   "You" (the frozen model's echo of "Do you remember my sister?") has a trained way on to the fact
   (``bench/recall.py --you-told``, stop 35);
-- ``trained_with_retrieval()``: each question-and-answer phrasing of a fact trained a second time
-  with the fact's own line in the retrieval mode's system message, as memory + retrieval asks it,
-  so that the memory learns to answer in the second person while the user's first-person lines
+- ``trained_with_retrieval(which)``: question-and-answer phrasings of a fact (all, or those of its
+  first question or first answer) trained a second time with the fact's own line in the retrieval
+  mode's system message, as memory + retrieval asks it, so that the memory learns to answer in the second person while the user's first-person lines
   are in the prompt (``bench/recall.py --trained-with-retrieval``, stop 35);
 - ``stop_both_ways()``: the job's stop test asks each fact's trained question twice, memory alone
   and under retrieval's system message holding the fact's line, and stops when both are recalled
