@@ -26,8 +26,9 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   (``bench/recall.py --you-told``, stop 35);
 - ``trained_with_retrieval(which)``: question-and-answer phrasings of a fact (all, or those of its
   first question or first answer) trained a second time with the fact's own line in the retrieval
-  mode's system message, as memory + retrieval asks it, so that the memory learns to answer in the second person while the user's first-person lines
-  are in the prompt (``bench/recall.py --trained-with-retrieval``, stop 35);
+  mode's system message, as memory + retrieval asks it, so that the memory learns to answer in
+  the second person while the user's first-person lines are in the prompt
+  (``bench/recall.py --trained-with-retrieval``, stop 35);
 - ``stop_both_ways()``: the job's stop test asks each fact's trained question twice, memory alone
   and under retrieval's system message holding the fact's line, and stops when both are recalled
   with the margin (``bench/recall.py --stop-both-ways``, with ``--trained-with-retrieval``, stop 35).
