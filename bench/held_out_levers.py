@@ -182,10 +182,9 @@ def trained_with_retrieval(which: str = "all") -> None:
     pattern's first question, "first-answer" those answering with its pattern's first answer."""
     phrasings = text.fact_phrasings
 
-    def chosen(fact: str, conversation: list[dict]) -> bool:
+    def chosen(pairs: list[tuple[str, str]], conversation: list[dict]) -> bool:
         if conversation[0]["role"] != "user":
             return False
-        pairs = text.fact_training_pairs(text._sentence(fact))
         if which == "first-question":
             return bool(pairs) and conversation[0]["content"] == pairs[0][0]
         if which == "first-answer":
@@ -194,8 +193,9 @@ def trained_with_retrieval(which: str = "all") -> None:
 
     def with_retrieval(fact: str) -> list[list[dict]]:
         conversations = phrasings(fact)
+        pairs = text.fact_training_pairs(text._sentence(fact))  # as fact_phrasings makes them
         system = prompting.retrieval_message([{"text": fact}])
-        asked = [c for c in conversations if chosen(fact, c)]
+        asked = [c for c in conversations if chosen(pairs, c)]
         return conversations + [[{"role": "system", "content": system.content}, *c] for c in asked]
 
     text.fact_phrasings = with_retrieval
@@ -223,9 +223,10 @@ def stop_both_ways() -> None:
         plain = alone(adapted, tokenizer, probes, max_new_tokens, batch_size)
         prompts = []
         for probe in probes:
-            system = prompting.retrieval_message([{"text": facts.get((probe.prompt, probe.answer), "")}])
-            messages = [{"role": "system", "content": system.content}, {"role": "user", "content": probe.prompt}]
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            messages = prompting.with_retrieved([prompting.Message("user", probe.prompt)],
+                                                [{"text": facts.get((probe.prompt, probe.answer), "")}])
+            rendered = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                     tokenize=False, add_generation_prompt=True)
             prompts.append(tokenizer.encode(rendered, add_special_tokens=False))
         scored = evaluate.generate_batch_scored(adapted.model, tokenizer, prompts, max_new_tokens, batch_size)
         asked = [evaluate.answer_gap(tokenizer, row, leads, p.answer) for p, (row, leads) in zip(probes, scored)]
