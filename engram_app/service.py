@@ -18,6 +18,7 @@ from engram_app.inference import GenerationOptions, Message, Runtime, inspection
 from engram_app.inference.chat import ChatResult, ChatStream, chat_turn
 from engram_app.inference.pools import Pools, describe
 from engram_app.inference.report import inspect_report
+from engram_app.inference.threads import ChatThreads, worker_trains_on_cpu
 from engram_app.ingest import ImportResult, Library
 from engram_app.models import converted_models, load_base_model, load_tokenizer
 from engram_app.settings import Settings, resolve_device
@@ -38,7 +39,10 @@ class Service:
         self._runtime: Runtime | None = None
         self._library: Library | None = None
         self._db = None
-        self.pools = Pools(self._load_base, settings.adapter_budget_bytes)  # base id -> its one loaded copy
+        # Chat on half the CPU threads while the training worker trains on the CPU (inference/threads.py).
+        self.chat_threads = ChatThreads(lambda: worker_trains_on_cpu(settings.home))
+        # base id -> its one loaded copy
+        self.pools = Pools(self._load_base, settings.adapter_budget_bytes, self.chat_threads)
         self._pools = self.pools.pools
         self._provenance: Provenance | None = None  # keeps the versions' slot indexes open (memory-mapped)
         self._load_lock = threading.Lock()
@@ -67,8 +71,12 @@ class Service:
         return self.load()
 
     def status(self) -> dict:
-        """What the status line shows: model, device, load time (None before loading), GPU memory."""
-        return describe(self._runtime.loaded if self._runtime is not None else None, self.settings.model)
+        """What the status line shows: model, device, load time (None before loading), GPU memory, and
+        (``chat_threads``) the chat's fewer CPU threads while a job trains on the CPU."""
+        status = describe(self._runtime.loaded if self._runtime is not None else None, self.settings.model)
+        if self._runtime is not None and self._runtime.loaded.device.device.type == "cpu":
+            status["chat_threads"] = self.chat_threads.describe()
+        return status
 
     def tokenizer(self):
         """The base model's tokenizer (without loading the model when it is not loaded yet)."""

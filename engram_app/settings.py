@@ -161,6 +161,12 @@ class DevicePlan:
         return f"CPU ({torch.get_num_threads()} threads), {str(self.dtype).removeprefix('torch.')}"
 
 
+def device_type(choice: str) -> str:
+    """``choice`` as :func:`resolve_device` places it ("cpu" or "cuda"), without its error: "cuda"
+    asked for on a machine without a GPU stays "cuda" (the job fails there, with the reason)."""
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def resolve_device(choice: str) -> DevicePlan:
     """``auto``: CUDA with bf16 when a GPU is present, else CPU with fp32.
 

@@ -35,6 +35,7 @@ from engram_app.engram import EngramConfig
 from engram_app.engram import CONFIG_NAME, LORA_DIR, SECOND_TIME_WARNING, WEIGHTS_NAME, attach, bind, read_adapter_config
 from engram_app.errors import EngramError
 from engram_app.inference.runtime import Runtime
+from engram_app.inference.threads import ChatThreads
 from engram_app.models import LoadedModel, use_int4
 from engram_app.settings import int4_chat_mode
 from engram_app.training.adapters import Adapted
@@ -83,10 +84,13 @@ class _Loaded:
 class ModelPool:
     """The one copy of a base model, and the pack adapters loaded on it (LRU, within a byte budget)."""
 
-    def __init__(self, loaded: LoadedModel, budget_bytes: int, int4: bool | None = None):
+    def __init__(self, loaded: LoadedModel, budget_bytes: int, int4: bool | None = None,
+                 threads: ChatThreads | None = None):
         """``int4``: run a GGUF model from its 4-bit blocks on the CPU (models.py ``use_int4``); None: as
         ``ENGRAM_INT4`` says (settings.py ``int4_chat_mode``: by default where the exact kernel runs).
-        The pool serves chat only, so its model never trains."""
+        ``threads``: the CPU thread count of each model call (threads.py: half while the training
+        worker trains on the CPU); None: torch's, untouched. The pool serves chat only, so its model
+        never trains."""
         mode = int4_chat_mode() if int4 is None else "on" if int4 else "off"
         if mode != "off":
             use_int4(loaded, exact_only=mode == "auto")
@@ -95,6 +99,7 @@ class ModelPool:
         self.tokenizer = loaded.tokenizer
         self.budget_bytes = budget_bytes
         self.lock = threading.RLock()  # one model call at a time, for every view of this model
+        self.threads = threads
         self._engram: PeftModel | None = None  # the Engram memories, by adapter name
         self._lora: PeftModel | None = None  # the LoRA adapters, by adapter name
         self._adapters: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
@@ -295,6 +300,7 @@ class PackRuntime(Runtime):
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        with self._lock:
+        threads = self.pool.threads.call() if self.pool.threads is not None else contextlib.nullcontext()
+        with self._lock, threads:  # the thread count in the thread that makes the call (threads.py)
             self.adapted = self.pool.activate(self.spec)
             yield

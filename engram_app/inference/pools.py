@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pool.py imports PEFT: only when a model is loaded, so the CLI starts fast
     from engram_app.inference.pool import ModelPool
+    from engram_app.inference.threads import ChatThreads
     from engram_app.inference.runtime import Runtime
     from engram_app.models import LoadedModel
     from engram_app.training.packs import PackStore
@@ -24,8 +25,11 @@ if TYPE_CHECKING:  # pool.py imports PEFT: only when a model is loaded, so the C
 class Pools:
     """Base models by id (None: the bundled one), loaded on first use by ``load(base_id)``."""
 
-    def __init__(self, load: Callable[[str | None], LoadedModel], budget_bytes: int | None = None):
+    def __init__(self, load: Callable[[str | None], LoadedModel], budget_bytes: int | None = None,
+                 threads: ChatThreads | None = None):
+        """``threads``: the thread count of the chat's model calls on CPU models (threads.py)."""
         self._load = load
+        self.threads = threads
         self._budget = budget_bytes  # adapter budget per model; None: default_budget of its device
         self.pools: dict[str | None, ModelPool] = {}
         self._pack_runtimes: dict[str, tuple[int, Runtime]] = {}  # pack -> (version, runtime on its pool)
@@ -39,7 +43,8 @@ class Pools:
             if pool is None:
                 loaded = self._load(base_id)
                 budget = self._budget if self._budget is not None else default_budget(loaded.device.device)
-                pool = self.pools[base_id] = ModelPool(loaded, budget)
+                threads = self.threads if loaded.device.device.type == "cpu" else None
+                pool = self.pools[base_id] = ModelPool(loaded, budget, threads=threads)
             return pool
 
     def pack_runtime(self, store: PackStore, pack: str, memory: bool = True) -> Runtime:

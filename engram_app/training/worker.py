@@ -51,7 +51,7 @@ from engram_app.atomic import write_text
 from engram_app.errors import EngramError
 from engram_app.gpu_share import (CPU, GPU_POLL_SECONDS, GPU_WAIT_SECONDS, PROCEED, GpuMemory, gpu_memory,
                                   job_training_need, place_training)
-from engram_app.settings import Settings
+from engram_app.settings import Settings, device_type
 from engram_app.store import open_db
 from engram_app.store.db import now
 from engram_app.training.runner import JobRunner
@@ -150,7 +150,7 @@ def worker_info(home: Path) -> dict:
         pass
     return {"alive": alive, "pid": info.get("pid") if alive else None,
             "state": info.get("state") if alive else "stopped", "job": info.get("job") if alive else None,
-            "heartbeat": info.get("heartbeat")}
+            "device": info.get("device") if alive else None, "heartbeat": info.get("heartbeat")}
 
 
 def start_worker(settings: Settings, idle_exit: float | None = 300.0) -> int | None:
@@ -227,6 +227,7 @@ class Worker:
         self._job_id: int | None = None
         self._runner: JobRunner | None = None
         self._cancel_clock: float | None = None  # when a cancelled job was first seen training
+        self._device: str | None = None  # where the current job trains ("cpu", "cuda"), once placed
 
     def _acquire(self) -> bool:
         self.settings.ensure_home()
@@ -237,7 +238,7 @@ class Worker:
         return self._locks is not None
 
     def _write_info(self, state: str) -> None:
-        info = {"pid": os.getpid(), "state": state, "job": self._job_id, "heartbeat": now()}
+        info = {"pid": os.getpid(), "state": state, "job": self._job_id, "device": self._device, "heartbeat": now()}
         write_text(self.home / INFO_NAME, json.dumps(info))
 
     def _beat(self, queue: JobQueue) -> None:
@@ -339,6 +340,8 @@ class Worker:
             self._job_id = None
             queue.hand_back(job["id"])
             return
+        self._device = device_type(settings.device)  # the chat takes fewer CPU threads while it is "cpu"
+        self._write_info("training")
         runner = JobRunner(settings, db, job, should_stop=lambda: self._cancel.is_set() or self._stop.is_set(),
                            shutting_down=lambda: self._stop.is_set() and not self._cancel.is_set())
         self._runner = runner
@@ -357,6 +360,7 @@ class Worker:
         finally:
             self._job_id = None
             self._runner = None
+            self._device = None
 
     def _job_settings(self, queue: JobQueue, db, job: dict) -> Settings | None:
         """The settings ``job`` trains with: the worker's own, or the CPU's when the GPU is short of memory

@@ -42,7 +42,8 @@ def status_markdown(service: Service) -> str:
     if not worker["alive"]:
         line += ". Training worker: stopped (starts when you train)."
     elif worker.get("job"):
-        line += f". Training worker: running job {worker['job']}."
+        line += f". Training worker: running job {worker['job']}"
+        line += f" ({status['chat_threads']})." if status.get("chat_threads") else "."
     else:
         line += f". Training worker: {worker['state'] or 'idle'}."
     return line
