@@ -31,7 +31,12 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   (``bench/recall.py --trained-with-retrieval``, stop 35);
 - ``stop_both_ways()``: the job's stop test asks each fact's trained question twice, memory alone
   and under retrieval's system message holding the fact's line, and stops when both are recalled
-  with the margin (``bench/recall.py --stop-both-ways``, with ``--trained-with-retrieval``, stop 35).
+  with the margin (``bench/recall.py --stop-both-ways``, with ``--trained-with-retrieval``, stop 35);
+- ``system_message(message)``: every conversation without a system message of its own rendered
+  with ``message`` as its system message instead of the chat template's default one (SmolLM2's
+  "You are a helpful AI assistant named SmolLM, trained by Hugging Face"): the training text, the
+  stop test, the anchors and every reply asked, so that the frozen model reads each question as
+  one about what the user told it (``bench/recall.py --system-message``, stop 36).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -233,3 +238,20 @@ def stop_both_ways() -> None:
         return [None if a is None or b is None else min(a, b) for a, b in zip(plain, asked)]
 
     runner.answer_margins = both_ways
+
+
+def system_message(message: str) -> None:
+    """Every chat rendered without a system message of its own (training text, probes, anchors,
+    retention, replies; not the retrieval or profile-in-the-prompt modes, which bring theirs) gets
+    ``message`` as its system message, in place of the chat template's default one."""
+    from transformers import PreTrainedTokenizerBase
+
+    render = PreTrainedTokenizerBase.apply_chat_template
+
+    def with_system(self, conversation, *args, **kwargs):
+        if conversation and isinstance(conversation[0], dict) and \
+                not any(turn.get("role") == "system" for turn in conversation):
+            conversation = [{"role": "system", "content": message}, *conversation]
+        return render(self, conversation, *args, **kwargs)
+
+    PreTrainedTokenizerBase.apply_chat_template = with_system

@@ -48,6 +48,7 @@ import shlex
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,6 +383,9 @@ def main() -> None:
     parser.add_argument("--stop-both-ways", action="store_true",
                         help="a lever measured: the stop test asks each question alone and under retrieval's "
                         "system message holding its fact")
+    parser.add_argument("--system-message", default=None, metavar="TEXT",
+                        help="a lever measured: TEXT as the system message of every chat without one of its own "
+                        "(training, stop test, replies), in place of the chat template's default")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -398,6 +402,8 @@ def main() -> None:
         held_out_levers.trained_with_retrieval(args.trained_with_retrieval)
     if args.stop_both_ways:
         held_out_levers.stop_both_ways()
+    if args.system_message:
+        held_out_levers.system_message(args.system_message)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -440,6 +446,7 @@ def main() -> None:
         ("-you-told" if args.you_told else "") + \
         (f"-trained-with-retrieval-{args.trained_with_retrieval}" if args.trained_with_retrieval else "") + \
         ("-stop-both-ways" if args.stop_both_ways else "") + \
+        (f"-system-message-{zlib.crc32(args.system_message.encode()):08x}" if args.system_message else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")
