@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 # alone (the chat 0.97x, a training step 0.96x) and, with the chat on half the threads while a job
 # trains (inference/threads.py), keep 0.75x and 0.35x beside each other
 # (bench/chat_beside_training.py; docs/CHAT.md "Chat while a job trains"). Set here, before torch
-# loads libgomp, in every process of the app (the worker starts as ``python -m engram_app``); a value
-# already in the environment wins.
+# loads libgomp (the OpenMP runtime of PyTorch's Linux wheels; others ignore it), in every process of
+# the app (the worker starts as ``python -m engram_app``); a value already in the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")

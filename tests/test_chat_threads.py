@@ -70,14 +70,32 @@ def test_a_model_call_runs_at_the_count_and_the_thread_gets_its_own_count_back_a
     threads = ChatThreads(lambda: busy[0], full=2, every=0.0)
 
     def one_call():
-        torch.set_num_threads(2)
         with threads.call() as count:
             during = torch.get_num_threads()
         return count, during, torch.get_num_threads()
 
-    assert in_a_thread(one_call) == (1, 1, 2)
-    busy[0] = False
-    assert in_a_thread(one_call) == (2, 2, 2)
+    def failing_call():
+        with pytest.raises(RuntimeError):
+            with threads.call():
+                raise RuntimeError("the model call failed")
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        assert in_a_thread(one_call) == (1, 1, 2)
+        assert in_a_thread(failing_call) == 2  # put back after a failed call too
+        busy[0] = False
+        assert in_a_thread(one_call) == (2, 2, 2)
+    finally:
+        torch.set_num_threads(before)  # torch's process-wide default, which set_num_threads also sets
+
+
+def test_a_worker_that_died_with_a_job_on_the_cpu_does_not_slow_the_chat(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "worker.json").write_text('{"pid": 999999, "state": "training", "job": 3, "device": "cpu"}')
+    assert worker_info(home)["device"] is None  # no live worker holds its lock: what it wrote is stale
+    assert not worker_trains_on_cpu(home)
 
 
 def test_a_device_choice_is_placed_as_resolve_device_places_it_without_raising():
@@ -120,7 +138,7 @@ def test_while_a_job_trains_on_the_cpu_the_chat_decodes_on_half_the_threads_and_
     seen.clear()
     service.chat("Where do I live?", pack="me")
     assert seen and set(seen) == {1}
-    assert torch.get_num_threads() == 2  # the calling thread's own count is back after each call
+    assert torch.get_num_threads() == 2  # back to every thread (``full``) after each call
     assert "running job" in status_markdown(service)
     assert "(chat on 1 of 2 CPU threads while the job trains on the CPU)" in status_markdown(service)
 
@@ -135,7 +153,9 @@ def test_while_a_job_trains_on_the_cpu_the_chat_decodes_on_half_the_threads_and_
 
 
 def test_the_apps_processes_spin_briefly_at_openmp_barriers_unless_the_environment_says_otherwise():
-    show = [sys.executable, "-c", "import engram_app, os; print(os.environ['GOMP_SPINCOUNT'])"]
+    # engram_app itself must not load torch (and libgomp with it) before it sets the variable
+    show = [sys.executable, "-c", "import engram_app, os, sys; assert 'torch' not in sys.modules; "
+            "print(os.environ['GOMP_SPINCOUNT'])"]
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     assert subprocess.run(show, env=env, capture_output=True, text=True, check=True).stdout.strip() == "10000"
     mine = subprocess.run(show, env={**env, "GOMP_SPINCOUNT": "42"}, capture_output=True, text=True, check=True)

@@ -9,10 +9,13 @@ engram_app/__init__.py), at one thread 0.75x (``bench/chat_beside_training.py``;
 "Chat beside a busy process"). Half the threads on larger machines is the same rule, unmeasured
 there.
 
-The count is set in the thread that makes the model call (``torch.set_num_threads`` reaches the
-calling thread's OpenMP and MKL settings) for that call and put back after it, so a reply started
-before a job began drops to half as soon as the job trains, gets every thread back within a second
-of its end, and nothing else the thread does is touched.
+The count is set for each model call in the thread that makes it (``torch.set_num_threads`` sets
+the calling thread's OpenMP and MKL counts, and torch's process-wide default that a thread takes
+when it first computes) and set back to ``full`` after it, so a reply started before a job began
+drops to half as soon as the job trains and gets every thread back within about two seconds of
+its end (the worker's state is written every second and read at most every second), and a thread
+that first computed during a throttled call does not keep half the threads. A greedy reply can
+differ in a near-tie between the two counts: the sums run in another order.
 """
 
 from __future__ import annotations
@@ -73,16 +76,16 @@ class ChatThreads:
 
     @contextlib.contextmanager
     def call(self) -> Iterator[int]:
-        """One model call at :meth:`count` threads: the calling thread's torch thread count is set
-        for the block and put back after it (the thread's other work keeps its own count)."""
-        threads, before = self.count(), torch.get_num_threads()
-        if threads != before:
+        """One model call at :meth:`count` threads, set in the calling thread for the block and set
+        back to ``full`` after it (an exception in the call included)."""
+        threads = self.count()
+        if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         try:
             yield threads
         finally:
-            if threads != before:
-                torch.set_num_threads(before)
+            if threads != self.full:
+                torch.set_num_threads(self.full)
 
     def describe(self) -> str | None:
         """The status line's words while the chat runs on fewer threads (None otherwise)."""

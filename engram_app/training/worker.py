@@ -241,6 +241,14 @@ class Worker:
         info = {"pid": os.getpid(), "state": state, "job": self._job_id, "device": self._device, "heartbeat": now()}
         write_text(self.home / INFO_NAME, json.dumps(info))
 
+    def _try_write_info(self, state: str) -> None:
+        """:meth:`_write_info`, where a failure (a full disk) must not take the job down: the next
+        heartbeat writes it again."""
+        try:
+            self._write_info(state)
+        except OSError:
+            log.exception("could not write %s", INFO_NAME)
+
     def _beat(self, queue: JobQueue) -> None:
         while not self._stop.is_set():
             job_id = self._job_id
@@ -341,7 +349,7 @@ class Worker:
             queue.hand_back(job["id"])
             return
         self._device = device_type(settings.device)  # the chat takes fewer CPU threads while it is "cpu"
-        self._write_info("training")
+        self._try_write_info("training")
         runner = JobRunner(settings, db, job, should_stop=lambda: self._cancel.is_set() or self._stop.is_set(),
                            shutting_down=lambda: self._stop.is_set() and not self._cancel.is_set())
         self._runner = runner
@@ -361,6 +369,7 @@ class Worker:
             self._job_id = None
             self._runner = None
             self._device = None
+            self._try_write_info("idle")  # the chat takes every thread again without waiting for a beat
 
     def _job_settings(self, queue: JobQueue, db, job: dict) -> Settings | None:
         """The settings ``job`` trains with: the worker's own, or the CPU's when the GPU is short of memory
