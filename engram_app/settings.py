@@ -175,7 +175,7 @@ def resolve_device(choice: str) -> DevicePlan:
     """
     if choice not in DEVICE_CHOICES:
         raise EngramError(f"Unknown device {choice!r}: use one of {', '.join(DEVICE_CHOICES)}.")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+    if device_type(choice) == "cuda":
         if not torch.cuda.is_available():
             raise EngramError(
                 "--device cuda was asked for, but PyTorch sees no CUDA GPU here. "

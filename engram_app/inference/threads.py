@@ -35,11 +35,11 @@ CHECK_SECONDS = 1.0  # how often the worker's state is read (a lock probe and a 
 
 
 def worker_trains_on_cpu(home: Path) -> bool:
-    """Whether the training worker of data root ``home`` is running a job on the CPU now."""
+    """Whether the training worker of data root ``home`` is running a job on the CPU now (its device
+    is None when no worker is alive, between jobs and while a job waits for GPU memory)."""
     from engram_app.training.worker import worker_info
 
-    info = worker_info(home)
-    return bool(info["alive"] and info["job"] and info.get("device") == "cpu")
+    return worker_info(home)["device"] == "cpu"
 
 
 class ChatThreads:
