@@ -36,7 +36,10 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   with ``message`` as its system message instead of the chat template's default one (SmolLM2's
   "You are a helpful AI assistant named SmolLM, trained by Hugging Face"): the training text, the
   stop test, the anchors and every reply asked, so that the frozen model reads each question as
-  one about what the user told it (``bench/recall.py --system-message``, stop 36).
+  one about what the user told it (``bench/recall.py --system-message``, stop 36);
+- ``memory_layers(layers)``: new packs' memories sit at the start of the decoder blocks
+  ``layers`` instead of the second block (``EngramConfig.layers``): a deeper block's hidden state,
+  which the memory's gate reads, already holds the question (``bench/recall.py --layers``, stop 37).
 
 The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
 """
@@ -255,3 +258,15 @@ def system_message(message: str) -> None:
         return render(self, conversation, *args, **kwargs)
 
     PreTrainedTokenizerBase.apply_chat_template = with_system
+
+
+def memory_layers(layers: list[int]) -> None:
+    """New packs' memories at the start of decoder blocks ``layers`` (0-based) instead of block 1."""
+    made = sizes.SizePreset.engram_config
+
+    def placed(self):
+        config = made(self)
+        config.layers = sorted(set(layers))
+        return config
+
+    sizes.SizePreset.engram_config = placed

@@ -5,7 +5,7 @@ twice in a row, ``--steps`` the cap), then asked ten hand-written questions that
 uses (checked) and general controls the base model answers right, memory on and off (greedy,
 batched). Step-bounded and seeded: the result does not depend on the machine's speed.
 
-    python bench/held_out_profile.py --seed 0 [--orders 2,3,4] [--frames] [--cool 0.25] [--consolidate 1.75]
+    python bench/held_out_profile.py --seed 0 [--orders 2,3,4] [--layers 1] [--frames] [--cool 0.25] [--consolidate 1.75]
 
 ``--frames``, ``--cool`` and ``--consolidate`` are levers measured and not adopted
 (bench/held_out_levers.py, docs/BENCHMARKS.md).
@@ -64,7 +64,11 @@ def main() -> None:
                         help="after 'recalled', train on to this x the steps (not adopted)")
     parser.add_argument("--ask-frame", default=None, metavar="FRAME",
                         help="each fact pattern also trained with its question inside FRAME, e.g. 'Can you tell me {q}?'")
+    parser.add_argument("--layers", default=None, metavar="L[,L]",
+                        help="the memory at these 0-based decoder blocks (default: the preset's, block 1)")
     args = parser.parse_args()
+    if args.layers:
+        held_out_levers.memory_layers([int(x) for x in args.layers.split(",")])
     if args.ask_frame:
         held_out_levers.ask_frames(args.ask_frame)
     if args.frames:
@@ -73,7 +77,8 @@ def main() -> None:
         held_out_levers.recall_stop(args.cool, args.consolidate)
     flags = "".join([" --frames" if args.frames else "", f" --cool {args.cool:g}" if args.cool != 1.0 else "",
                      f" --consolidate {args.consolidate:g}" if args.consolidate != 1.0 else ""])
-    levers = flags + (f" --ask-frame '{args.ask_frame}'" if args.ask_frame else "")
+    levers = flags + (f" --ask-frame '{args.ask_frame}'" if args.ask_frame else "") + \
+        (f" --layers {args.layers}" if args.layers else "")
 
     trained = {q for fact in FACTS for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
     assert not trained & {p.prompt for p in ASKED}, "a held-out question is a training question"
@@ -111,7 +116,8 @@ def main() -> None:
           for p, a, b in zip(probes, on, off)),
     ]
     publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else "")
-            + flags.replace(" --", "-").replace(" ", "") + ("-ask-frame" if args.ask_frame else ""), lines)
+            + flags.replace(" --", "-").replace(" ", "") + ("-ask-frame" if args.ask_frame else "")
+            + (f"-layers{args.layers.replace(',', '+')}" if args.layers else ""), lines)
 
 
 if __name__ == "__main__":

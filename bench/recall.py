@@ -386,6 +386,8 @@ def main() -> None:
     parser.add_argument("--system-message", default=None, metavar="TEXT",
                         help="a lever measured: TEXT as the system message of every chat without one of its own "
                         "(training, stop test, replies), in place of the chat template's default")
+    parser.add_argument("--layers", default=None, metavar="L[,L]",
+                        help="a lever measured: new packs' memories at these 0-based decoder blocks (default: 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -404,6 +406,8 @@ def main() -> None:
         held_out_levers.stop_both_ways()
     if args.system_message:
         held_out_levers.system_message(args.system_message)
+    if args.layers:
+        held_out_levers.memory_layers([int(x) for x in args.layers.split(",")])
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -447,6 +451,7 @@ def main() -> None:
         (f"-trained-with-retrieval-{args.trained_with_retrieval}" if args.trained_with_retrieval else "") + \
         ("-stop-both-ways" if args.stop_both_ways else "") + \
         (f"-system-message-{zlib.crc32(args.system_message.encode()):08x}" if args.system_message else "") + \
+        (f"-layers{args.layers.replace(',', '+')}" if args.layers else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")

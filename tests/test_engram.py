@@ -130,6 +130,51 @@ def test_heads_use_distinct_primes_across_orders_and_layers(tokenizer):
     assert (memory.layout.multipliers % 2 == 1).all()
 
 
+def deep_llama(blocks: int) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {**FAMILY_CONFIGS["llama"], "num_hidden_layers": blocks}
+    config = AutoConfig.for_model(settings.pop("model_type"), vocab_size=512, **settings)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("blocks, layers, depth, placed", [
+    (8, None, 0.5, [4]),     # the presets' depth: the middle block
+    (30, None, 0.5, [15]),   # SmolLM2-135M's 30 blocks
+    (8, None, None, [1]),    # no depth (memories saved before it existed): the 2nd block, as before
+    (8, [0, 6], 0.5, [0, 6]),  # layers named: they win
+    (8, None, 0.0, [0]),
+    (8, None, 0.99, [7]),
+])
+def test_depth_places_the_memory_that_far_through_the_model(tokenizer, blocks, layers, depth, placed):
+    config = EngramConfig(layers=layers, depth=depth, heads=2, rows_per_head=101, head_dim=4)
+    memory = attach_engram(deep_llama(blocks), tokenizer, config)
+    assert memory.layer_ids == placed and memory.config.layers == placed  # resolved into the saved config
+
+
+def test_depth_is_saved_only_when_set_and_checked():
+    assert "depth" not in EngramConfig().to_dict()
+    assert EngramConfig.from_dict(EngramConfig(depth=0.5).to_dict()).depth == 0.5
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="depth must be a fraction"):
+            EngramConfig(depth=bad)
+
+
+def test_a_new_pack_sits_mid_model_and_a_pack_file_made_before_keeps_its_block():
+    from pathlib import Path
+
+    from engram_app.training.sizes import PRESET_DEPTH, PRESETS
+    from engram_app.training.transfer import PackFile, engram_config
+
+    preset = PRESETS["medium"]
+    assert preset.engram_config().depth == PRESET_DEPTH == 0.5  # what a pack created now gets
+    saved_now = preset.engram_config().to_dict()
+    saved_before = {k: v for k, v in saved_now.items() if k != "depth"}  # field absent: block 1, as made
+    pack = PackFile(Path("old.zip"), None, {})
+    assert engram_config(pack, saved_now, preset, "pack.json").depth == 0.5
+    assert engram_config(pack, saved_before, preset, "pack.json").depth is None
+
+
 # --- compression --------------------------------------------------------------------------------
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:

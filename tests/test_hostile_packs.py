@@ -250,6 +250,8 @@ def test_a_merely_large_rows_per_head_is_refused_before_any_table_is_allocated(e
     ({"seed": -1}, r"seed \(-1\) is outside"),
     ({"surprise": 1}, r"unknown memory config fields \['surprise'\]"),
     ({"skip_template": "yes"}, r"skip_template \('yes'\) must be true or false"),
+    ({"depth": 1.5}, r"depth \(1.5\) must be a fraction in \[0, 1\)"),
+    ({"depth": "middle"}, r"depth \('middle'\) must be a fraction"),
     ({"skip_template": True, "template_ids": [1, -3]}, r"template_ids \(\[1, -3\]\) must be up to 1024 token ids"),
 ])
 def test_memory_dimensions_outside_the_size_preset_are_refused_with_the_field_named(exports, target, tmp_path,

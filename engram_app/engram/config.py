@@ -25,7 +25,7 @@ STORAGES = ("memory", "mapped")
 TABLE_DIR = "table"  # a mapped table's rows, beside adapter_config.json
 RUNTIME_FIELDS = ("tokenizer",)  # fields that hold live objects: never saved, never compared
 # Fields saved only when they differ from this default.
-OPTIONAL_FIELDS = {"compression_strip": False, "skip_template": False, "template_ids": None}
+OPTIONAL_FIELDS = {"compression_strip": False, "skip_template": False, "template_ids": None, "depth": None}
 
 
 @dataclass
@@ -39,8 +39,17 @@ class EngramConfig(PeftConfig):
     task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "PEFT task type: Engram adapts causal LMs."})
     layers: list[int] | None = field(
         default=None,
-        metadata={"help": "0-based decoder blocks that receive memory at their start. None: the 2nd block (index 1), "
-                          "as the paper found best for a single module."},
+        metadata={"help": "0-based decoder blocks that receive memory at their start. None: the block `depth` names, "
+                          "or without it the 2nd block (index 1), as the paper found best for a single module."},
+    )
+    depth: float | None = field(
+        default=None,
+        metadata={"help": "with layers None: the memory sits at the block this fraction of the way through the model "
+                          "(block int(depth x blocks); 0.5: block 15 of SmolLM2's 30), resolved into `layers` when "
+                          "attaching. The size presets set 0.5: a middle block's hidden state, which the gate reads, "
+                          "already holds the question, and a personal memory there recalls far more of what it was "
+                          "taught when asked in new words (docs/BENCHMARKS.md, stop 37). None (saved only when set): "
+                          "block 1, so earlier memories keep their place."},
     )
     orders: tuple[int, ...] = field(
         default=(2, 3), metadata={"help": "n-gram orders; each n-gram ends at (and includes) the current token."}
@@ -119,6 +128,9 @@ class EngramConfig(PeftConfig):
             raise ValueError("heads, rows_per_head and head_dim must be positive")
         if self.layers is not None:
             self.layers = sorted(set(int(x) for x in self.layers))
+        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, (int, float))
+                                       or not 0 <= self.depth < 1):
+            raise ValueError(f"depth must be a fraction of the model's blocks in [0, 1), not {self.depth!r}")
         if not isinstance(self.compression_strip, bool):
             raise ValueError(f"compression_strip must be true or false, not {self.compression_strip!r}")
         if not isinstance(self.skip_template, bool):

@@ -52,6 +52,14 @@ class EngramAttachError(ValueError):
     """The model cannot carry an Engram memory (unknown layout, or a mismatched memory)."""
 
 
+def placed_block(depth: float | None, blocks: int) -> int:
+    """The block a single memory sits at when its config names no layers: ``depth`` of the way
+    through the model's ``blocks`` (0.5: the middle one), or without a depth the 2nd block."""
+    if depth is None:
+        return min(1, blocks - 1)
+    return min(int(depth * blocks), blocks - 1)
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """(backbone, attribute name, blocks): the ModuleList with one block per hidden layer."""
     config = getattr(model, "config", None)
@@ -276,7 +284,7 @@ class EngramModel(nn.Module):
         object.__setattr__(self, "base_model", base_model)  # not a submodule: its weights are not ours
         backbone, _, blocks = find_decoder_layers(base_model)
         object.__setattr__(self, "backbone", backbone)
-        layers = config.layers if config.layers is not None else [min(1, len(blocks) - 1)]
+        layers = config.layers if config.layers is not None else [placed_block(config.depth, len(blocks))]
         bad = [i for i in layers if not 0 <= i < len(blocks)]
         if bad:
             raise EngramAttachError(f"Engram layers {bad} do not exist: the model has blocks 0..{len(blocks) - 1}.")

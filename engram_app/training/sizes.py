@@ -32,6 +32,7 @@ from engram_app.errors import EngramError
 GiB = 1024**3
 MODEL_RAM = 3 * GiB  # the base model while training on the CPU (SmolLM2, 4 x 256 tokens: peak 2.7 GiB measured)
 MAPPED_RAM = 2 * GiB  # rows a long training job touches (three copies), with margin
+PRESET_DEPTH = 0.5  # a new pack's memory sits at the middle block (15 of SmolLM2's 30): bench/recall.py --layers
 MAPPED_DISK = 2 * GiB  # the first versions of a mapped pack and a checkpoint
 
 
@@ -46,9 +47,12 @@ class SizePreset:
     def engram_config(self) -> EngramConfig:
         """A new pack's memory. Its token compression strips whitespace as DeepSeek's reference does
         (" the" = "the"): on the persona bench it recalls more and forgets less than without
-        (docs/BENCHMARKS.md, bench/compression_strip.py). Packs made before keep their own config."""
+        (docs/BENCHMARKS.md, bench/compression_strip.py). It sits at the model's middle block
+        (``PRESET_DEPTH``), where a memory of a person recalls far more of its facts asked in new
+        words than at the 2nd block (docs/BENCHMARKS.md, stop 37). Packs made before keep their own
+        config."""
         return EngramConfig(rows_per_head=self.rows_per_head, head_dim=self.head_dim, storage=self.storage,
-                            compression_strip=True)
+                            compression_strip=True, depth=PRESET_DEPTH)
 
     def rows(self, layers: int = 1) -> int:
         config = self.engram_config()

@@ -460,6 +460,9 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
                                      or not all(_is_int(i) and 0 <= i <= MAX_TOKEN_ID for i in template_ids)):
         raise pack.refuse(f"the memory's template_ids ({_show(template_ids)}) must be up to {MAX_TEMPLATE_IDS} "
                           "token ids: refused.")
+    depth = raw.get("depth")  # absent in packs made before the presets placed the memory mid-model
+    if depth is not None and (not _is_number(depth) or not 0 <= depth < 1):
+        raise pack.refuse(f"the memory's depth ({_show(depth)}) must be a fraction in [0, 1): refused.")
     version = raw.get("format_version", ENGRAM_FORMAT_VERSION)
     if not _is_int(version) or not 1 <= version <= ENGRAM_FORMAT_VERSION:
         raise pack.refuse(f"the memory's format ({_show(version)}) is not one this version reads "
@@ -470,7 +473,8 @@ def engram_config(pack: PackFile, raw, preset: SizePreset, where: str) -> Engram
         kernel_size=bounded("kernel_size", 1, ref.kernel_size), use_conv=use_conv,
         init_std=float(bounded("init_std", 0, 1, integer=False)), seed=bounded("seed", 0, MAX_SEED),
         table_lr_scale=float(bounded("table_lr_scale", 1e-6, MAX_LR_SCALE, integer=False)), storage=storage,
-        compression_strip=strip, skip_template=skip, template_ids=template_ids if skip else None)
+        compression_strip=strip, skip_template=skip, template_ids=template_ids if skip else None,
+        depth=depth)
     rows = len(layers or [1]) * len(config.orders) * config.heads * config.rows_per_head
     if rows > preset.rows(1):
         raise pack.refuse(f"the memory's table ({rows:,} rows) is larger than the {preset.name} size's "
