@@ -39,9 +39,13 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   one about what the user told it (``bench/recall.py --system-message``, stop 36);
 - ``memory_layers(layers)``: new packs' memories sit at the start of the decoder blocks
   ``layers`` instead of the second block (``EngramConfig.layers``): a deeper block's hidden state,
-  which the memory's gate reads, already holds the question (``bench/recall.py --layers``, stop 37).
+  which the memory's gate reads, already holds the question (``bench/recall.py --layers``, stop 38;
+  adopted as the size presets' ``EngramConfig.depth``).
 
-The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``).
+The decaying learning rate measured here at stop 31 is now the engine's (``TrainOptions.lr_final``);
+training on once the facts are learned is an engine option now (``TrainOptions.consolidate``, default
+1: measured at 2 at stop 38, not adopted; ``recall_stop``'s ``consolidate`` was its first form, on
+stop 23's stop test without a margin).
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def recall_stop(cool: float = 1.0, consolidate: float = 1.0) -> None:
         # the rates the schedule (TrainOptions.lr_final) scales at every step, tables and dense parts
         trainer.optimizer.set_lrs = [[lr * factor for lr in lrs] for lrs in trainer.optimizer.set_lrs]
 
-    def recall_check(self, adapted, tokenizer, probes):
+    def recall_check(self, adapted, tokenizer, probes, options=None):
+        # the caller trains with TrainOptions(consolidate=1.0): this test does the training on itself
         state = {"streak": 0, "cooled": False, "until": None}
 
         def check(step: int) -> bool:
@@ -270,3 +275,4 @@ def memory_layers(layers: list[int]) -> None:
         return config
 
     sizes.SizePreset.engram_config = placed
+

@@ -5,10 +5,11 @@ twice in a row, ``--steps`` the cap), then asked ten hand-written questions that
 uses (checked) and general controls the base model answers right, memory on and off (greedy,
 batched). Step-bounded and seeded: the result does not depend on the machine's speed.
 
-    python bench/held_out_profile.py --seed 0 [--orders 2,3,4] [--layers 1] [--frames] [--cool 0.25] [--consolidate 1.75]
+    python bench/held_out_profile.py --seed 0 [--train-on 2] [--orders 2,3,4] [--layers 1] [--frames] [--cool 0.25] [--consolidate 1.75]
 
-``--frames``, ``--cool`` and ``--consolidate`` are levers measured and not adopted
-(bench/held_out_levers.py, docs/BENCHMARKS.md).
+``--train-on`` sets the job's ``TrainOptions.consolidate`` (the default, 1: stop as soon as the
+facts are learned; 2 was measured at stop 38 and not adopted). ``--frames``, ``--cool`` and ``--consolidate`` are levers measured and not
+adopted (bench/held_out_levers.py, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CONTROLS = [Probe("What is the capital of France?", "Paris"), Probe("How many da
             Probe("What colour is the sky on a clear day?", "blue"), Probe("Write one sentence about the sea.", "sea")]
 
 
-def train_profile(service, steps: int, seed: int) -> tuple[dict, float]:
+def train_profile(service, steps: int, seed: int, consolidate: float = TrainOptions.consolidate) -> tuple[dict, float]:
     """The ten facts as a profile file in ``service``'s library, trained into pack ``me`` as the app
     trains it (``steps`` the cap); returns the job's result and its minutes."""
     profile = service.settings.home / "me.md"
@@ -47,7 +48,7 @@ def train_profile(service, steps: int, seed: int) -> tuple[dict, float]:
     service.ingest([profile])
     service.create_pack("me")
     started = time.perf_counter()
-    result = run_job(service, "me", TrainOptions(max_steps=steps, seed=seed))
+    result = run_job(service, "me", TrainOptions(max_steps=steps, seed=seed, consolidate=consolidate))
     return result, (time.perf_counter() - started) / 60
 
 
@@ -65,7 +66,10 @@ def main() -> None:
     parser.add_argument("--ask-frame", default=None, metavar="FRAME",
                         help="each fact pattern also trained with its question inside FRAME, e.g. 'Can you tell me {q}?'")
     parser.add_argument("--layers", default=None, metavar="L[,L]",
-                        help="the memory at these 0-based decoder blocks (default: the preset's, block 1)")
+                        help="the memory at these 0-based decoder blocks (default: the preset's middle block)")
+    parser.add_argument("--train-on", type=float, default=None, metavar="X",
+                        help="once the job's stop test says learned at step S, train on to X x S "
+                        f"(TrainOptions.consolidate, default {TrainOptions.consolidate:g})")
     args = parser.parse_args()
     if args.layers:
         held_out_levers.memory_layers([int(x) for x in args.layers.split(",")])
@@ -78,7 +82,7 @@ def main() -> None:
     flags = "".join([" --frames" if args.frames else "", f" --cool {args.cool:g}" if args.cool != 1.0 else "",
                      f" --consolidate {args.consolidate:g}" if args.consolidate != 1.0 else ""])
     levers = flags + (f" --ask-frame '{args.ask_frame}'" if args.ask_frame else "") + \
-        (f" --layers {args.layers}" if args.layers else "")
+        (f" --layers {args.layers}" if args.layers else "") + (f" --train-on {args.train_on:g}" if args.train_on is not None else "")
 
     trained = {q for fact in FACTS for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
     assert not trained & {p.prompt for p in ASKED}, "a held-out question is a training question"
@@ -93,7 +97,10 @@ def main() -> None:
 
         sizes.SizePreset.engram_config = with_orders
     service, _ = scratch_service(args.device)
-    result, minutes = train_profile(service, args.steps, args.seed)
+    train_on = args.train_on if args.train_on is not None else TrainOptions.consolidate
+    if args.cool != 1.0 or args.consolidate != 1.0:
+        train_on = 1.0  # recall_stop's test trains on itself
+    result, minutes = train_profile(service, args.steps, args.seed, train_on)
     evaluation = result["evaluation"]
     runtime = service.chat_runtime("me")
     probes = ASKED + CONTROLS
@@ -117,7 +124,8 @@ def main() -> None:
     ]
     publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else "")
             + flags.replace(" --", "-").replace(" ", "") + ("-ask-frame" if args.ask_frame else "")
-            + (f"-layers{args.layers.replace(',', '+')}" if args.layers else ""), lines)
+            + (f"-layers{args.layers.replace(',', '+')}" if args.layers else "")
+            + (f"-train-on{args.train_on:g}" if args.train_on is not None else ""), lines)
 
 
 if __name__ == "__main__":

@@ -387,7 +387,11 @@ def main() -> None:
                         help="a lever measured: TEXT as the system message of every chat without one of its own "
                         "(training, stop test, replies), in place of the chat template's default")
     parser.add_argument("--layers", default=None, metavar="L[,L]",
-                        help="a lever measured: new packs' memories at these 0-based decoder blocks (default: 1)")
+                        help="a lever measured: new packs' memories at these 0-based decoder blocks "
+                        "(default: the size presets' middle block)")
+    parser.add_argument("--consolidate", type=float, default=TrainOptions.consolidate, metavar="X",
+                        help="once a job's stop test says learned at step S, train on to X x S "
+                        "(TrainOptions.consolidate; 1, the default: stop at once; 2 measured at stop 38, not adopted)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.skip_template:
@@ -415,11 +419,11 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
     if args.steps is not None:
         options = TrainOptions(max_steps=args.steps, evaluate=True, anchors=args.anchors,
-                               lr=args.lr, lr_final=args.lr_final)
+                               lr=args.lr, lr_final=args.lr_final, consolidate=args.consolidate)
         budget = f"steps{args.steps}"
     else:
         options = TrainOptions(max_minutes=BUDGETS[args.budget], evaluate=True, anchors=args.anchors,
-                               lr=args.lr, lr_final=args.lr_final)
+                               lr=args.lr, lr_final=args.lr_final, consolidate=args.consolidate)
         budget = args.budget
 
     people = people_of(args.data, args.people, args.split)
@@ -452,6 +456,7 @@ def main() -> None:
         ("-stop-both-ways" if args.stop_both_ways else "") + \
         (f"-system-message-{zlib.crc32(args.system_message.encode()):08x}" if args.system_message else "") + \
         (f"-layers{args.layers.replace(',', '+')}" if args.layers else "") + \
+        (f"-consolidate{args.consolidate:g}" if args.consolidate != TrainOptions.consolidate else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
         (f"-anchors{args.anchors:g}" if args.anchors != TrainOptions.anchors else "")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engram_app.errors import EngramError
 from engram_app.service import Service
 from engram_app.settings import Settings
 from engram_app.training import TrainOptions
@@ -61,14 +62,64 @@ def test_a_job_stops_once_its_facts_are_recalled_with_a_margin_at_two_checks_in_
 
     monkeypatch.setattr(job_module, "answer_margins", fake_margins)
     service = make_service("stop")
-    result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False)
+    result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False, consolidate=1.0)
     assert result["evaluation"]["outcome"] == "recalled"
     assert result["steps"] == 50  # 10 yes, 20 no (streak reset), 30 no margin (reset), 40 yes, 50 yes: stop
     assert checked == [2, 2, 2, 2, 2]  # the profile's two facts (dog, city) at each check
     log = [line["message"] for line in service.job(1)["log"]]
-    assert "step 50: recalls 2 of 2 facts, 2 with a margin (stopping: learned)" in log
+    assert "step 50: recalls 2 of 2 facts, 2 with a margin (learned: stopping)" in log
     assert "step 30: recalls 2 of 2 facts, 0 with a margin" in log
     assert "step 20: recalls 0 of 2 facts, 0 with a margin" in log
+
+
+def test_a_job_told_to_train_on_once_learned_trains_to_that_many_times_the_steps_without_asking_again(
+        make_service, monkeypatch):
+    # Learned at step 30 (checks at 20 and 30), a job with TrainOptions.consolidate = 2 trains on to
+    # step 60, then stops (a lever measured: a fact just learned is fragile asked in new words).
+    answers = iter([None, 5.0, 5.0])
+    checked = []
+
+    def fake_margins(adapted, tokenizer, probes):
+        checked.append(len(probes))
+        return [next(answers)] * len(probes)
+
+    monkeypatch.setattr(job_module, "answer_margins", fake_margins)
+    service = make_service("on")
+    result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False, consolidate=2.0)
+    assert result["evaluation"]["outcome"] == "recalled" and result["steps"] == 60
+    assert checked == [2, 2, 2]  # learned at 30: not asked again
+    log = [line["message"] for line in service.job(1)["log"]]
+    assert "step 30: recalls 2 of 2 facts, 2 with a margin (learned: training on to step 60 so that it holds)" in log
+
+    # The step cap still binds; the run had learned its facts, so it ends "recalled", not "finished".
+    answers = iter([5.0, 5.0])
+    capped = run_inline(make_service("capped"), "me", max_steps=30, recall_every=10, evaluate=False, consolidate=3.0)
+    assert capped["evaluation"]["outcome"] == "recalled" and capped["steps"] == 30
+    with pytest.raises(EngramError):
+        TrainOptions(consolidate=0.5)
+    assert TrainOptions().consolidate == 1.0 and TrainOptions.from_json({"epochs": 1}).consolidate == 1.0
+
+
+def test_training_on_resumes_from_a_checkpoint_to_the_same_end_without_asking_again(tiny_model_dir, tmp_path):
+    from engram_app.training.trainer import Trainer, trained_on_until
+
+    options = TrainOptions(max_steps=40, batch_size=2, recall_every=2, consolidate=2.5)
+    assert [trained_on_until(s, options) for s in (2, 4, 6)] == [6, 10, 16]  # rounded up to a check
+    asked = []
+
+    def until(step):
+        asked.append(step)
+        return step >= 4
+
+    adapted, tokenizer, examples = _tiny_trainer_parts(tiny_model_dir)
+    first = Trainer(adapted, tokenizer, examples, options, checkpoint_dir=tmp_path / "checkpoint", until=until,
+                    should_stop=lambda: first.step >= 7)
+    assert first.run() == "stopped" and first.learned_at == 4
+    first.save_checkpoint()
+    resumed = Trainer(adapted, tokenizer, examples, options, checkpoint_dir=tmp_path / "checkpoint", until=until)
+    resumed.load_optimizer(tmp_path / "checkpoint")
+    assert resumed.learned_at == 4 and resumed.run() == "recalled"
+    assert resumed.step == 10 and asked == [2, 4]
 
 
 def test_the_margin_of_a_recalled_answer_is_the_smallest_lead_among_the_tokens_that_spell_it(tiny_model_dir):
@@ -115,7 +166,8 @@ def test_a_job_checking_recall_trains_past_its_epochs_until_the_facts_are_recall
     old_job = TrainOptions.from_json({"epochs": 1})  # queued before recall_epochs: resumes with its own plan
     assert old_job.recall_epochs is None and total_steps(old_job, examples, until_recalled=True) == plain["steps"]
     monkeypatch.setattr(job_module, "answer_margins", lambda adapted, tokenizer, probes: [5.0] * len(probes))
-    learned = run_inline(make_service("learned"), "me", epochs=1, recall_epochs=3, recall_every=2, evaluate=False)
+    learned = run_inline(make_service("learned"), "me", epochs=1, recall_epochs=3, recall_every=2, evaluate=False,
+                         consolidate=1.0)
     assert learned["evaluation"]["outcome"] == "recalled" and learned["steps"] == 4  # checks at 2 and 4
 
 

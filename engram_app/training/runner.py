@@ -47,7 +47,7 @@ from engram_app.training.packs import PackStore
 from engram_app.training.peft_export import write_version_card
 from engram_app.training.slots import SlotIndex, SlotIndexBuilder
 from engram_app.training.text import Probe
-from engram_app.training.trainer import ADAPTER_DIR, StepReport, Trainer
+from engram_app.training.trainer import ADAPTER_DIR, StepReport, Trainer, trained_on_until
 
 log = logging.getLogger(__name__)
 SAMPLE = 64  # examples used to measure memorisation
@@ -126,7 +126,7 @@ class JobRunner:
         if anchors:
             self.say(f"{len(anchors)} anchors (the base model's own replies to general requests)")
         probes = [p for p in new_probes + old_probes if not p.held_out][: options.max_probes]
-        until = self._recall_check(adapted, tokenizer, probes) if options.until_recalled and probes else None
+        until = self._recall_check(adapted, tokenizer, probes, options) if options.until_recalled and probes else None
         trainer = Trainer(adapted, tokenizer, examples, options, on_step=self._on_step, should_stop=self.should_stop,
                           checkpoint_dir=checkpoint, until=until)
         sample = random.Random(options.seed).sample(new, min(SAMPLE, len(new))) if new else []
@@ -181,9 +181,10 @@ class JobRunner:
         return {"outcome": "cancelled" if outcome == "stopped" else "done", "version": number, "steps": trainer.step,
                 "evaluation": evaluation}
 
-    def _recall_check(self, adapted, tokenizer, probes: list[Probe]) -> Callable[[int], bool]:
-        """The trainer's stop test: every probe recalled with memory on, with a margin
-        (:data:`~engram_app.training.evaluate.RECALL_MARGIN`), at two checks in a row.
+    def _recall_check(self, adapted, tokenizer, probes: list[Probe], options: TrainOptions) -> Callable[[int], bool]:
+        """The trainer's test that the facts are learned: every probe recalled with memory on, with
+        a margin (:data:`~engram_app.training.evaluate.RECALL_MARGIN`), at two checks in a row.
+        The trainer then stops, or first trains on if ``options.consolidate`` says so.
 
         A margin and two in a row, not one bare hit: a fact the greedy reply only just reaches
         flips with the batch it is answered in (the chat answers it alone) or slips at the next
@@ -197,8 +198,10 @@ class JobRunner:
             hits = sum(gap is not None for gap in gaps)
             held = sum(gap is not None and gap >= RECALL_MARGIN for gap in gaps)
             streak = streak + 1 if held == len(probes) else 0
+            end = trained_on_until(step, options)
             self.say(f"step {step}: recalls {hits} of {len(probes)} facts, {held} with a margin"
-                     + (" (stopping: learned)" if streak >= 2 else ""))
+                     + ("" if streak < 2 else " (learned: stopping)" if end == step
+                        else f" (learned: training on to step {end} so that it holds)"))
             return streak >= 2
 
         return check

@@ -66,6 +66,13 @@ def total_steps(options: TrainOptions, examples: int, until_recalled: bool = Fal
     return max(1, math.ceil(epochs * examples / options.batch_size))
 
 
+def trained_on_until(learned_at: int, options: TrainOptions) -> int:
+    """The step a run that learned its facts at step ``learned_at`` ends at: ``options.consolidate``
+    times as many steps, rounded up to a recall check (the step cap and time budget still bind)."""
+    every = options.recall_every
+    return max(learned_at, math.ceil(options.consolidate * learned_at / every - 1e-9) * every)
+
+
 def lr_factor(step: int, total: int, final: float) -> float:
     """The learning rate of step ``step`` (0-based) as a fraction of the one set: 1 at the first step,
     falling linearly to ``final`` at the last of ``total``. A function of the step, so a resumed job
@@ -113,8 +120,9 @@ class Trainer:
                  on_checkpoint: Callable[[int], None] | None = None,
                  checkpoint_dir: Path | None = None,
                  until: Callable[[int], bool] | None = None):
-        """``until(step)``, called every ``options.recall_every`` steps, ends training early when it
-        returns True (outcome 'recalled'): the job's check that the facts are learned."""
+        """``until(step)``, called every ``options.recall_every`` steps, is the job's check that the
+        facts are learned: once it returns True training goes on to :func:`trained_on_until` and
+        ends there (outcome 'recalled'); the check is not asked again."""
         if not examples:
             raise ValueError("nothing to train on")
         self.adapted, self.tokenizer, self.examples, self.options = adapted, tokenizer, examples, options
@@ -125,6 +133,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # seconds of training so far, across resumes
         self.extra: dict = {}  # the job's own state kept in checkpoints (e.g. evaluation before training)
+        self.learned_at: int | None = None  # the step ``until`` first said the facts are learned
         self.device = next(adapted.base.parameters()).device
         self.call_overhead = CPU_CALL_OVERHEAD if self.device.type == "cpu" else None
 
@@ -147,7 +156,7 @@ class Trainer:
             save_file(tensors, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps({
                 "step": self.step, "total": self.total, "elapsed": self.elapsed, "optimizers": groups,
-                "extra": self.extra}, indent=1))
+                "learned_at": self.learned_at, "extra": self.extra}, indent=1))
         if self.on_checkpoint:
             self.on_checkpoint(self.step)
 
@@ -173,6 +182,7 @@ class Trainer:
                 states.append({name: tensors[f"{k}.{name}"] for name in ("rows", "exp_avg", "exp_avg_sq", "steps")})
         self.optimizer.load_state_dict(states)
         self.step, self.elapsed, self.extra = state["step"], state["elapsed"], state.get("extra", {})
+        self.learned_at = state.get("learned_at")
 
     @staticmethod
     def checkpoint_state(folder: Path) -> dict | None:
@@ -189,8 +199,9 @@ class Trainer:
         return self.options.max_minutes * 60 - self.elapsed
 
     def run(self) -> str:
-        """Train until the steps or the time are spent, a stop is requested or the facts are learned:
-        'finished', 'budget', 'stopped' or 'recalled'.
+        """Train until the steps or the time are spent, a stop is requested or the facts are learned
+        (and trained on, :func:`trained_on_until`): 'finished', 'budget', 'stopped' or 'recalled'
+        ('recalled' too when the cap or the budget ends a run that had learned its facts).
 
         Nothing here depends on how fast the machine is except the time budget (``max_minutes``):
         checkpoints are written on a timer but do not change the weights, so a run bounded by
@@ -231,15 +242,19 @@ class Trainer:
                 self.save_checkpoint()
                 last_checkpoint = time.monotonic()
             if self.until is not None and self.step % self.options.recall_every == 0 and self.step < self.total:
-                started = time.perf_counter()
-                self.adapted.train(False)
-                learned = self.until(self.step)
-                self.adapted.train(True)
-                self.elapsed += time.perf_counter() - started  # the budget is the user's time: checks count
-                if learned:
+                if self.learned_at is None:
+                    started = time.perf_counter()
+                    self.adapted.train(False)
+                    if self.until(self.step):
+                        self.learned_at = self.step
+                    self.adapted.train(True)
+                    self.elapsed += time.perf_counter() - started  # the budget is the user's time: checks count
+                if self.learned_at is not None and self.step >= trained_on_until(self.learned_at, self.options):
                     outcome = "recalled"
                     break
         self.adapted.train(False)
+        if self.learned_at is not None and outcome in ("finished", "budget"):
+            outcome = "recalled"
         return outcome
 
     def _forward_backward(self, batch: list[Example], pad: int) -> tuple[float, int]:
