@@ -1,7 +1,7 @@
 """What an Engram memory costs: decode speed with memory vs the base model, and training speed of
 Engram vs LoRA r=16 (vs both) on the same batches. Ratios against baselines run in this process.
 
-    python bench/engram_speed.py [--model M] [--device cpu|cuda] [--random-init] [--data CSV] [--orders 2,3,4]
+    python bench/engram_speed.py [--model M] [--device cpu|cuda] [--random-init] [--data CSV] [--orders 2,3,4] [--layers 1]
 
 --random-init builds a randomly initialised model of the same shape (for GPU machines without
 the bundled weights). --data reads text from the Synthetic-Persona-Chat CSV; without it the
@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engram_app.engram import EngramConfig, EngramOptimizer, attach_engram, attach_lora  # noqa: E402
+from engram_app.engram.model import placed_block  # noqa: E402
 from engram_app.inference import GenerationOptions, Message, Runtime  # noqa: E402
 from engram_app.models import LoadedModel, load_base_model  # noqa: E402
 from engram_app.settings import Settings, resolve_device  # noqa: E402
+from engram_app.training.sizes import PRESET_DEPTH  # noqa: E402
 from results_table import publish  # noqa: E402
 
 PROMPTS = ["Tell me about your favourite hobby.", "What should I cook tonight?", "Describe a walk in the forest."]
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--orders", default="2,3", help="n-gram orders of the memory (the default: 2,3)")
+    parser.add_argument("--layers", default=None, metavar="L[,L]",
+                        help="0-based blocks of the memory (default: the size presets' middle block)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -99,8 +103,11 @@ def main() -> None:
     loaded.model.to(plan.device, plan.dtype)
     loaded.device = plan
     tokenizer = loaded.tokenizer
-    config = EngramConfig(orders=tuple(int(n) for n in args.orders.split(",")))
-    describe = f"{loaded.source.name}{' (random init)' if args.random_init else ''} on {plan.describe()}"
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    config = EngramConfig(orders=tuple(int(n) for n in args.orders.split(",")), layers=layers, depth=PRESET_DEPTH)
+    blocks = layers or [placed_block(PRESET_DEPTH, loaded.model.config.num_hidden_layers)]
+    describe = (f"{loaded.source.name}{' (random init)' if args.random_init else ''} on {plan.describe()}, "
+                f"memory at block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}")
 
     # --- decode ------------------------------------------------------------------------------
     base = Runtime(loaded)
@@ -145,7 +152,7 @@ def main() -> None:
     lora_tps = tokens_per_step / results["LoRA r=16"]
     lines = [
         f"Engram cost, {describe}; memory: {config.heads} heads x {len(config.orders)} orders, "
-        f"{config.rows_per_head} rows/head, d_h={config.head_dim}, layers={config.layers or [1]}.",
+        f"{config.rows_per_head} rows/head, d_h={config.head_dim}.",
         "",
         f"Decode ({args.tokens} new tokens, {len(PROMPTS)} prompts x {args.repeats} repeats, interleaved; "
         "tok/s = 1 / median time between tokens):",

@@ -48,7 +48,7 @@ class EngramConfig(PeftConfig):
                           "(block int(depth x blocks); 0.5: block 15 of SmolLM2's 30), resolved into `layers` when "
                           "attaching. The size presets set 0.5: a middle block's hidden state, which the gate reads, "
                           "already holds the question, and a personal memory there recalls far more of what it was "
-                          "taught when asked in new words (docs/BENCHMARKS.md, stop 37). None (saved only when set): "
+                          "taught when asked in new words (docs/BENCHMARKS.md, stop 38). None (saved only when set): "
                           "block 1, so earlier memories keep their place."},
     )
     orders: tuple[int, ...] = field(

@@ -49,7 +49,7 @@ class SizePreset:
         (" the" = "the"): on the persona bench it recalls more and forgets less than without
         (docs/BENCHMARKS.md, bench/compression_strip.py). It sits at the model's middle block
         (``PRESET_DEPTH``), where a memory of a person recalls far more of its facts asked in new
-        words than at the 2nd block (docs/BENCHMARKS.md, stop 37). Packs made before keep their own
+        words than at the 2nd block (docs/BENCHMARKS.md, stop 38). Packs made before keep their own
         config."""
         return EngramConfig(rows_per_head=self.rows_per_head, head_dim=self.head_dim, storage=self.storage,
                             compression_strip=True, depth=PRESET_DEPTH)
