@@ -50,17 +50,23 @@ def test_a_run_checkpointing_every_step_ends_with_the_same_memory_as_one_that_ne
         assert torch.equal(never[key], every[key]), key
 
 
-def test_a_job_stops_once_its_facts_are_recalled_with_a_margin_at_two_checks_in_a_row(make_service, monkeypatch):
-    # Per check, each answer's lead over the runner-up token (None: not in the reply). At step 30
-    # both facts are in the replies, but by a hair (0.2 nats): that check does not count.
-    answers = iter([5.0, None, 0.2, 5.0, 5.0, 5.0])  # checks at steps 10, 20, 30, 40, 50, ...
-    checked = []
+def script_margins(monkeypatch, *answers: float | None) -> list[int]:
+    """The stop test's answer margins replaced by ``answers``, one per check (the same for every
+    probe; None: not in the reply). Returns the list of how many probes each check asked."""
+    script, checked = iter(answers), []
 
     def fake_margins(adapted, tokenizer, probes):
         checked.append(len(probes))
-        return [next(answers)] * len(probes)
+        return [next(script)] * len(probes)
 
     monkeypatch.setattr(job_module, "answer_margins", fake_margins)
+    return checked
+
+
+def test_a_job_stops_once_its_facts_are_recalled_with_a_margin_at_two_checks_in_a_row(make_service, monkeypatch):
+    # Per check, each answer's lead over the runner-up token (None: not in the reply). At step 30
+    # both facts are in the replies, but by a hair (0.2 nats): that check does not count.
+    checked = script_margins(monkeypatch, 5.0, None, 0.2, 5.0, 5.0, 5.0)  # checks at steps 10, 20, 30, 40, 50, ...
     service = make_service("stop")
     result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False, consolidate=1.0)
     assert result["evaluation"]["outcome"] == "recalled"
@@ -76,14 +82,7 @@ def test_a_job_told_to_train_on_once_learned_trains_to_that_many_times_the_steps
         make_service, monkeypatch):
     # Learned at step 30 (checks at 20 and 30), a job with TrainOptions.consolidate = 2 trains on to
     # step 60, then stops (a lever measured: a fact just learned is fragile asked in new words).
-    answers = iter([None, 5.0, 5.0])
-    checked = []
-
-    def fake_margins(adapted, tokenizer, probes):
-        checked.append(len(probes))
-        return [next(answers)] * len(probes)
-
-    monkeypatch.setattr(job_module, "answer_margins", fake_margins)
+    checked = script_margins(monkeypatch, None, 5.0, 5.0)
     service = make_service("on")
     result = run_inline(service, "me", max_steps=100, recall_every=10, evaluate=False, consolidate=2.0)
     assert result["evaluation"]["outcome"] == "recalled" and result["steps"] == 60
@@ -92,7 +91,7 @@ def test_a_job_told_to_train_on_once_learned_trains_to_that_many_times_the_steps
     assert "step 30: recalls 2 of 2 facts, 2 with a margin (learned: training on to step 60 so that it holds)" in log
 
     # The step cap still binds; the run had learned its facts, so it ends "recalled", not "finished".
-    answers = iter([5.0, 5.0])
+    script_margins(monkeypatch, 5.0, 5.0)
     capped = run_inline(make_service("capped"), "me", max_steps=30, recall_every=10, evaluate=False, consolidate=3.0)
     assert capped["evaluation"]["outcome"] == "recalled" and capped["steps"] == 30
     with pytest.raises(EngramError):
