@@ -14,6 +14,7 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -327,7 +328,7 @@ def test_two_imports_of_one_folder_at_once_add_each_file_exactly_once(tmp_path, 
         thread.start()
     for thread in threads:
         thread.join(300)
-    assert errors == []
+    assert errors == [], "".join(traceback.format_exception(errors[0]))  # where it failed, not only what
     for a, b in zip(results["a"], results["b"]):
         assert a.path == b.path and sorted([a.status, b.status]) == ["added", "duplicate"]
         assert a.source == b.source  # the duplicate names the source the other import added
