@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,6 +105,25 @@ def open_db(home: Path) -> Database:
     """The data root's database, created and migrated on first use."""
     home.mkdir(parents=True, exist_ok=True)
     db = Database(home / DB_NAME)
-    db.execute("pragma journal_mode = wal")  # kept in the file: every later connection uses it
+    use_wal(db)
     migrate(db)
     return db
+
+
+def use_wal(db: Database) -> None:
+    """Switch the file to write-ahead logging (kept in the file: every later connection uses it).
+
+    Two connections opening a new data root at once (the app and a worker, two imports) race for
+    this switch, and SQLite answers the loser "database is locked" at once, without waiting out
+    the busy timeout: 14 of 150 such pairs failed here. It is retried until the busy timeout; once
+    the other connection has switched, the switch is a no-op.
+    """
+    deadline = time.monotonic() + BUSY_SECONDS
+    while True:
+        try:
+            db.execute("pragma journal_mode = wal")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
