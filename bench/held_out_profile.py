@@ -67,7 +67,7 @@ def main() -> None:
                         help="each fact pattern also trained with its question inside FRAME, e.g. 'Can you tell me {q}?'")
     parser.add_argument("--layers", default=None, metavar="L[,L]",
                         help="the memory at these 0-based decoder blocks (default: the preset's middle block)")
-    parser.add_argument("--train-on", type=float, default=None, metavar="X",
+    parser.add_argument("--train-on", type=float, default=TrainOptions.consolidate, metavar="X",
                         help="once the job's stop test says learned at step S, train on to X x S "
                         f"(TrainOptions.consolidate, default {TrainOptions.consolidate:g})")
     args = parser.parse_args()
@@ -82,7 +82,7 @@ def main() -> None:
     flags = "".join([" --frames" if args.frames else "", f" --cool {args.cool:g}" if args.cool != 1.0 else "",
                      f" --consolidate {args.consolidate:g}" if args.consolidate != 1.0 else ""])
     levers = flags + (f" --ask-frame '{args.ask_frame}'" if args.ask_frame else "") + \
-        (f" --layers {args.layers}" if args.layers else "") + (f" --train-on {args.train_on:g}" if args.train_on is not None else "")
+        (f" --layers {args.layers}" if args.layers else "") + (f" --train-on {args.train_on:g}" if args.train_on != TrainOptions.consolidate else "")
 
     trained = {q for fact in FACTS for q, _ in fact_training_pairs(fact)} | set(GENERIC_QUESTIONS)
     assert not trained & {p.prompt for p in ASKED}, "a held-out question is a training question"
@@ -97,9 +97,7 @@ def main() -> None:
 
         sizes.SizePreset.engram_config = with_orders
     service, _ = scratch_service(args.device)
-    train_on = args.train_on if args.train_on is not None else TrainOptions.consolidate
-    if args.cool != 1.0 or args.consolidate != 1.0:
-        train_on = 1.0  # recall_stop's test trains on itself
+    train_on = 1.0 if args.cool != 1.0 or args.consolidate != 1.0 else args.train_on  # recall_stop trains on itself
     result, minutes = train_profile(service, args.steps, args.seed, train_on)
     evaluation = result["evaluation"]
     runtime = service.chat_runtime("me")
@@ -125,7 +123,7 @@ def main() -> None:
     publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else "")
             + flags.replace(" --", "-").replace(" ", "") + ("-ask-frame" if args.ask_frame else "")
             + (f"-layers{args.layers.replace(',', '+')}" if args.layers else "")
-            + (f"-train-on{args.train_on:g}" if args.train_on is not None else ""), lines)
+            + (f"-train-on{args.train_on:g}" if args.train_on != TrainOptions.consolidate else ""), lines)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,10 @@ class TrainOptions:
     @classmethod
     def from_json(cls, data: dict) -> TrainOptions:
         """A stored job's options. A job queued before anchors (or ``recall_epochs``, or the decaying
-        learning rate, or training on once learned) existed trains without them, so that one resumed from its checkpoint draws the
+        learning rate) existed trains without them, so that one resumed from its checkpoint draws the
         very batches, plans the very steps and takes the very step sizes it was taking."""
         known = {f.name for f in fields(cls)}
-        old = {"anchors": 0.0, "recall_epochs": None, "lr_final": 1.0, "consolidate": 1.0}
+        old = {"anchors": 0.0, "recall_epochs": None, "lr_final": 1.0}
         return cls(**{**old, **{k: v for k, v in data.items() if k in known}})
 
 

@@ -32,8 +32,8 @@ from engram_app.errors import EngramError
 GiB = 1024**3
 MODEL_RAM = 3 * GiB  # the base model while training on the CPU (SmolLM2, 4 x 256 tokens: peak 2.7 GiB measured)
 MAPPED_RAM = 2 * GiB  # rows a long training job touches (three copies), with margin
-PRESET_DEPTH = 0.5  # a new pack's memory sits at the middle block (15 of SmolLM2's 30): bench/recall.py --layers
 MAPPED_DISK = 2 * GiB  # the first versions of a mapped pack and a checkpoint
+PRESET_DEPTH = 0.5  # a new pack's memory sits at the middle block (15 of SmolLM2's 30): bench/recall.py --layers
 
 
 @dataclass(frozen=True)
