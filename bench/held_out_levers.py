@@ -28,7 +28,9 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   first question or first answer) trained a second time with the fact's own line in the retrieval
   mode's system message, as memory + retrieval asks it, so that the memory learns to answer in
   the second person while the user's first-person lines are in the prompt
-  (``bench/recall.py --trained-with-retrieval``, stop 35);
+  (``bench/recall.py --trained-with-retrieval``, stop 35); with ``others`` (``--retrieval-others
+  N``, stop 39) that system message also holds N of the source's other facts, as the app's k
+  nearest lines would;
 - ``stop_both_ways()``: the job's stop test asks each fact's trained question twice, memory alone
   and under retrieval's system message holding the fact's line, and stops when both are recalled
   with the margin (``bench/recall.py --stop-both-ways``, with ``--trained-with-retrieval``, stop 35);
@@ -37,6 +39,9 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   "You are a helpful AI assistant named SmolLM, trained by Hugging Face"): the training text, the
   stop test, the anchors and every reply asked, so that the frozen model reads each question as
   one about what the user told it (``bench/recall.py --system-message``, stop 36);
+- ``synonym_answers()``: answer sentences in the other words people use for a home, a job, an
+  employer, a hometown, and a favourite as "You like teal best." (``bench/held_out_profile.py
+  --synonyms``, stop 39);
 - ``memory_layers(layers)``: new packs' memories sit at the start of the decoder blocks
   ``layers`` instead of the second block (``EngramConfig.layers``): a deeper block's hidden state,
   which the memory's gate reads, already holds the question (``bench/recall.py --layers``, stop 38;
@@ -185,15 +190,29 @@ def you_told(frame: str = "You told me {answer}") -> None:
         patterns[i] = text.FactPattern(pattern.regex, pattern.questions, pattern.answers + (told,), pattern.held_out)
 
 
-def trained_with_retrieval(which: str = "all") -> None:
+def trained_with_retrieval(which: str = "all", others: int = 0) -> None:
     """Question-and-answer phrasings of a fact also trained under the system message that memory +
     retrieval would put first, holding the fact's own line (prompting.retrieval_message). With the
     user's first-person lines in the prompt the frozen model answers in their first person ("I'm a
     car driver."), where the memory was trained without them to answer "You drive a bmw.".
 
     ``which``: "all" the fact's question-and-answer phrasings, "first-question" those asking its
-    pattern's first question, "first-answer" those answering with its pattern's first answer."""
+    pattern's first question, "first-answer" those answering with its pattern's first answer.
+    ``others``: that many of the same source's other facts in the system message too, as the app's
+    retrieval puts its k nearest lines there (the fact's line moving through the positions from one
+    phrasing to the next, the others taken in the source's order after it), so that the memory
+    learns to answer from the line the question asks about, not from the first line."""
     phrasings = text.fact_phrasings
+    source_facts: list[str] = []
+    examples_of = dataset.source_examples
+
+    def remembering_facts(db, tokenizer, source_id, max_length):
+        source_facts[:] = [r["text"] for r in db.query(
+            "select text from records where source_id = ? and kind = 'fact' order by position", [source_id])]
+        return examples_of(db, tokenizer, source_id, max_length)
+
+    if others:
+        dataset.source_examples = remembering_facts
 
     def chosen(pairs: list[tuple[str, str]], conversation: list[dict]) -> bool:
         if conversation[0]["role"] != "user":
@@ -207,9 +226,16 @@ def trained_with_retrieval(which: str = "all") -> None:
     def with_retrieval(fact: str) -> list[list[dict]]:
         conversations = phrasings(fact)
         pairs = text.fact_training_pairs(text._sentence(fact))  # as fact_phrasings makes them
-        system = prompting.retrieval_message([{"text": fact}])
         asked = [c for c in conversations if chosen(pairs, c)]
-        return conversations + [[{"role": "system", "content": system.content}, *c] for c in asked]
+        at = source_facts.index(fact) if fact in source_facts else -1
+        extra = [f for f in source_facts[at + 1:] + source_facts[:max(at, 0)] if f != fact][:others]
+        trained = []
+        for i, conversation in enumerate(asked):
+            lines = list(extra)
+            lines.insert(i % (len(extra) + 1), fact)
+            system = prompting.retrieval_message([{"text": line} for line in lines])
+            trained.append([{"role": "system", "content": system.content}, *conversation])
+        return conversations + trained
 
     text.fact_phrasings = with_retrieval
     dataset.fact_phrasings = with_retrieval  # imported by name there
@@ -276,3 +302,34 @@ def memory_layers(layers: list[int]) -> None:
 
     sizes.SizePreset.engram_config = placed
 
+
+
+# Words people use for what a fact pattern names, besides the pattern's own (how one asks about a
+# home, a job, a favourite): each an answer sentence ending in the words right before the answer.
+_SYNONYM_ANSWERS = {
+    r"(?:live|reside)": ("Your home is in {ans}.", "You are based in {ans}."),
+    r"(?:as an?|as)": ("Your occupation is {article} {ans}.", "Your profession is {article} {ans}."),
+    r"(?:at|for)": ("Your employer is {ans}.",),
+    r"grew up in": ("Your hometown is {ans}.",),
+}
+
+
+def synonym_answers() -> None:
+    """Each of several fact patterns trained with answer sentences in the other words people use
+    for what it names ("Your home is in Porto.", "Your occupation is a glassblower."), and a
+    favourite ("My favourite colour is teal.") also as "You like teal best.": the frozen model's
+    reply echoes the question's word ("Your home is in ..."), and a frame no training text ends in
+    has no trained memory row."""
+    patterns = text._PATTERNS
+    for i, pattern in enumerate(patterns):
+        for words, extra in _SYNONYM_ANSWERS.items():
+            if words in pattern.regex.pattern:
+                patterns[i] = text.FactPattern(pattern.regex, pattern.questions, pattern.answers + extra,
+                                               pattern.held_out)
+    general = next(i for i, p in enumerate(patterns) if p.regex.pattern.startswith(r"^my (?P<thing>") and
+                   "called|named" not in p.regex.pattern)
+    favourite = text._pattern(r"^my (?P<thing>favou?rite [\w' -]{1,30}?) (?P<verb>is|are|was) (?P<ans>.+)$",
+                              patterns[general].questions,
+                              patterns[general].answers + ("You like {ans} best.", "You like {ans} the most."),
+                              patterns[general].held_out)
+    patterns.insert(general, favourite)

@@ -369,6 +369,8 @@ def main() -> None:
                         "step cap (TrainOptions.lr_final; 1: constant, as before stop 32)")
     parser.add_argument("--lr-horizon", type=int, default=None, metavar="STEPS",
                         help="a lever measured: the rate reaches --lr-final at step STEPS, not at the step cap")
+    parser.add_argument("--synonyms", action="store_true",
+                        help="answers also in other words for a home, a job, a favourite (bench/held_out_levers.synonym_answers)")
     parser.add_argument("--ask-frame", default=None, metavar="FRAME",
                         help="a lever measured: each fact pattern also trained with its question inside FRAME, "
                         "e.g. 'Can you tell me {q}?' ({q}: 'what I like')")
@@ -376,6 +378,8 @@ def main() -> None:
                         help="a lever measured: retrieval's lines in the second person ('You drive a bmw.')")
     parser.add_argument("--you-told", action="store_true",
                         help="a lever measured: each fact also answered 'You told me your sister is a pole dancer.'")
+    parser.add_argument("--retrieval-others", type=int, default=0, metavar="N",
+                        help="with --trained-with-retrieval: N of the source's other facts in that system message too")
     parser.add_argument("--trained-with-retrieval", nargs="?", const="all", default=None,
                         choices=("all", "first-question", "first-answer"),
                         help="a lever measured: a fact's questions (all, or those with its first question or "
@@ -405,11 +409,13 @@ def main() -> None:
     if args.you_told:
         held_out_levers.you_told()
     if args.trained_with_retrieval:
-        held_out_levers.trained_with_retrieval(args.trained_with_retrieval)
+        held_out_levers.trained_with_retrieval(args.trained_with_retrieval, args.retrieval_others)
     if args.stop_both_ways:
         held_out_levers.stop_both_ways()
     if args.system_message:
         held_out_levers.system_message(args.system_message)
+    if args.synonyms:
+        held_out_levers.synonym_answers()
     if args.layers:
         held_out_levers.memory_layers([int(x) for x in args.layers.split(",")])
 
@@ -453,9 +459,11 @@ def main() -> None:
         ("-retrieval-you" if args.retrieval_you else "") + \
         ("-you-told" if args.you_told else "") + \
         (f"-trained-with-retrieval-{args.trained_with_retrieval}" if args.trained_with_retrieval else "") + \
+        (f"-others{args.retrieval_others}" if args.retrieval_others else "") + \
         ("-stop-both-ways" if args.stop_both_ways else "") + \
         (f"-system-message-{zlib.crc32(args.system_message.encode()):08x}" if args.system_message else "") + \
         (f"-layers{args.layers.replace(',', '+')}" if args.layers else "") + \
+        ("-synonyms" if args.synonyms else "") + \
         (f"-consolidate{args.consolidate:g}" if args.consolidate != TrainOptions.consolidate else "") + \
         (f"-lr{args.lr:g}" if args.lr != TrainOptions.lr else "") + \
         (f"-lr-final{args.lr_final:g}" if args.lr_final != TrainOptions.lr_final else "") + \
