@@ -27,7 +27,7 @@ from bench import held_out_levers  # noqa: E402
 from bench.results_table import publish  # noqa: E402
 from bench.train_recall import run_job, scratch_service  # noqa: E402
 from engram_app.training import TrainOptions, sizes  # noqa: E402
-from engram_app.training.evaluate import recalled  # noqa: E402
+from engram_app.training.evaluate import contains_answer, generate_batch  # noqa: E402
 from engram_app.training.text import GENERIC_QUESTIONS, Probe, fact_training_pairs  # noqa: E402
 
 FACTS = ["My dog is called Pixel.", "I have a turtle named Timothy.", "I live in Porto.", "I work as a glassblower.",
@@ -59,6 +59,12 @@ def train_profile(service, steps: int, seed: int, consolidate: float = TrainOpti
     started = time.perf_counter()
     result = run_job(service, "me", TrainOptions(max_steps=steps, seed=seed, consolidate=consolidate))
     return result, (time.perf_counter() - started) / 60
+
+
+def replies(adapted, tokenizer, probes: list[Probe]) -> list[str]:
+    """The greedy replies the job's stop test would read (``evaluate.recalled``'s batches and length)."""
+    rows = generate_batch(adapted.model, tokenizer, [p.prompt for p in probes], 24, 16)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def main() -> None:
@@ -116,9 +122,11 @@ def main() -> None:
     runtime = service.chat_runtime("me")
     probes = ASKED + CONTROLS + ASKED_B
     with runtime.session():
-        on = recalled(runtime.adapted, runtime.tokenizer, probes)
+        said_on = replies(runtime.adapted, runtime.tokenizer, probes)
         with runtime.adapted.off():
-            off = recalled(runtime.adapted, runtime.tokenizer, probes)
+            said_off = replies(runtime.adapted, runtime.tokenizer, probes)
+    on = [contains_answer(reply, p.answer) for p, reply in zip(probes, said_on)]
+    off = [contains_answer(reply, p.answer) for p, reply in zip(probes, said_off)]
     facts = len(ASKED)
     kept = [i for i in range(facts, facts + len(CONTROLS)) if off[i]]
     b = slice(facts + len(CONTROLS), len(probes))
@@ -135,7 +143,8 @@ def main() -> None:
         f"| {sum(on[i] for i in kept)}/{len(kept)} | {'' if cost is None else f'{cost:+.1%}'} | {minutes:.1f} |",
         "",
         *(f"- {p.prompt} ({p.answer}): memory on {'yes' if a else 'no'}, off {'yes' if b else 'no'}"
-          for p, a, b in zip(probes, on, off)),
+          + ("" if a else f" (memory on: {' '.join(reply.split())!r})")
+          for p, a, b, reply in zip(probes, on, off, said_on)),
     ]
     publish(f"held_out_profile-seed{args.seed}" + (f"-orders{args.orders.replace(',', '')}" if args.orders else "")
             + flags.replace(" --", "-").replace(" ", "") + ("-ask-frame" if args.ask_frame else "")
