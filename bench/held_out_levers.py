@@ -303,7 +303,6 @@ def memory_layers(layers: list[int]) -> None:
     sizes.SizePreset.engram_config = placed
 
 
-
 # Words people use for what a fact pattern names, besides the pattern's own (how one asks about a
 # home, a job, a favourite): each an answer sentence ending in the words right before the answer.
 _SYNONYM_ANSWERS = {

@@ -129,7 +129,7 @@ def main() -> None:
     off = [contains_answer(reply, p.answer) for p, reply in zip(probes, said_off)]
     facts = len(ASKED)
     kept = [i for i in range(facts, facts + len(CONTROLS)) if off[i]]
-    b = slice(facts + len(CONTROLS), len(probes))
+    set_b = slice(facts + len(CONTROLS), len(probes))
     cost = (evaluation.get("retention") or {}).get("cost")
     lines = [
         f"`python bench/held_out_profile.py --seed {args.seed} --steps {args.steps}"
@@ -139,7 +139,7 @@ def main() -> None:
         "| retention cost | minutes |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {evaluation['steps']} ({evaluation['outcome']}) | {sum(on[:facts])}/{facts} | {sum(off[:facts])}/{facts} "
-        f"| {sum(on[b])}/{len(ASKED_B)} | {sum(off[b])}/{len(ASKED_B)} "
+        f"| {sum(on[set_b])}/{len(ASKED_B)} | {sum(off[set_b])}/{len(ASKED_B)} "
         f"| {sum(on[i] for i in kept)}/{len(kept)} | {'' if cost is None else f'{cost:+.1%}'} | {minutes:.1f} |",
         "",
         *(f"- {p.prompt} ({p.answer}): memory on {'yes' if a else 'no'}, off {'yes' if b else 'no'}"
