@@ -39,6 +39,9 @@ Kept so that the table's rows can be run again (``bench/held_out_profile.py --fr
   "You are a helpful AI assistant named SmolLM, trained by Hugging Face"): the training text, the
   stop test, the anchors and every reply asked, so that the frozen model reads each question as
   one about what the user told it (``bench/recall.py --system-message``, stop 36);
+- ``anchors_under_retrieval(lines)``: the anchors also trained under retrieval's system message
+  holding ``lines`` of the job's facts, with the base model's reply as before
+  (``bench/recall.py --anchors-under-retrieval``, with ``--retrieval-others``, stop 39);
 - ``synonym_answers()``: answer sentences in the other words people use for a home, a job, an
   employer, a hometown, and a favourite as "You like teal best." (``bench/held_out_profile.py
   --synonyms``, stop 39);
@@ -55,6 +58,7 @@ stop 23's stop test without a margin).
 
 from __future__ import annotations
 
+import json
 import math
 
 from engram_app.inference import prompting
@@ -190,6 +194,9 @@ def you_told(frame: str = "You told me {answer}") -> None:
         patterns[i] = text.FactPattern(pattern.regex, pattern.questions, pattern.answers + (told,), pattern.held_out)
 
 
+JOB_FACTS: list[str] = []  # the facts of the sources the job being built reads (trained_with_retrieval, others > 0)
+
+
 def trained_with_retrieval(which: str = "all", others: int = 0) -> None:
     """Question-and-answer phrasings of a fact also trained under the system message that memory +
     retrieval would put first, holding the fact's own line (prompting.retrieval_message). With the
@@ -209,6 +216,7 @@ def trained_with_retrieval(which: str = "all", others: int = 0) -> None:
     def remembering_facts(db, tokenizer, source_id, max_length):
         source_facts[:] = [r["text"] for r in db.query(
             "select text from records where source_id = ? and kind = 'fact' order by position", [source_id])]
+        JOB_FACTS.extend(source_facts)
         return examples_of(db, tokenizer, source_id, max_length)
 
     if others:
@@ -332,3 +340,35 @@ def synonym_answers() -> None:
                               patterns[general].answers + ("You like {ans} best.", "You like {ans} the most."),
                               patterns[general].held_out)
     patterns.insert(general, favourite)
+
+
+def anchors_under_retrieval(lines: int = 3) -> None:
+    """Each anchor (the base model's own reply to a general request) trained a second time under
+    memory + retrieval's system message holding ``lines`` of the job's facts (rotating from one anchor
+    to the next), with the same reply: retrieval brings the user's nearest lines for every
+    question, and a memory trained to answer from them must still leave a general question to the
+    frozen model. Needs ``trained_with_retrieval(..., others > 0)``, which records the job's facts."""
+    from engram_app.training.text import IGNORE, Example
+
+    made = runner.anchor_examples
+
+    def with_retrieval(adapted, tokenizer, cache, count, max_length=256):
+        examples = made(adapted, tokenizer, cache, count, max_length)
+        facts, more = list(JOB_FACTS), []
+        JOB_FACTS.clear()  # the next job starts afresh
+        if not examples or not facts:
+            return examples
+        data = json.loads(cache.read_text())[:count]
+        for i, item in enumerate(data):
+            chosen = [facts[(i + j) % len(facts)] for j in range(min(lines, len(facts)))]
+            system = prompting.retrieval_message([{"text": line} for line in chosen])
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "system", "content": system.content}, {"role": "user", "content": item["prompt"]}],
+                tokenize=False, add_generation_prompt=True)
+            head, tail = tokenizer.encode(rendered, add_special_tokens=False), item["reply_ids"]
+            if tail:
+                more.append(Example((head + tail)[:max_length], ([IGNORE] * len(head) + tail)[:max_length], -1,
+                                    "anchor"))
+        return examples + more
+
+    runner.anchor_examples = with_retrieval

@@ -378,6 +378,8 @@ def main() -> None:
                         help="a lever measured: retrieval's lines in the second person ('You drive a bmw.')")
     parser.add_argument("--you-told", action="store_true",
                         help="a lever measured: each fact also answered 'You told me your sister is a pole dancer.'")
+    parser.add_argument("--anchors-under-retrieval", action="store_true",
+                        help="with --retrieval-others: the anchors also trained under 3 of the job's facts in that system message")
     parser.add_argument("--retrieval-others", type=int, default=0, metavar="N",
                         help="with --trained-with-retrieval: N of the source's other facts in that system message too")
     parser.add_argument("--trained-with-retrieval", nargs="?", const="all", default=None,
@@ -410,6 +412,8 @@ def main() -> None:
         held_out_levers.you_told()
     if args.trained_with_retrieval:
         held_out_levers.trained_with_retrieval(args.trained_with_retrieval, args.retrieval_others)
+    if args.anchors_under_retrieval:
+        held_out_levers.anchors_under_retrieval()
     if args.stop_both_ways:
         held_out_levers.stop_both_ways()
     if args.system_message:
@@ -460,6 +464,7 @@ def main() -> None:
         ("-you-told" if args.you_told else "") + \
         (f"-trained-with-retrieval-{args.trained_with_retrieval}" if args.trained_with_retrieval else "") + \
         (f"-others{args.retrieval_others}" if args.retrieval_others else "") + \
+        ("-anchors-under-retrieval" if args.anchors_under_retrieval else "") + \
         ("-stop-both-ways" if args.stop_both_ways else "") + \
         (f"-system-message-{zlib.crc32(args.system_message.encode()):08x}" if args.system_message else "") + \
         (f"-layers{args.layers.replace(',', '+')}" if args.layers else "") + \
